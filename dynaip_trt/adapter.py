@@ -1,0 +1,93 @@
+"""The DynaIP adapter module and its installation into diffusers' ``FluxTransformer2DModel``.
+
+``DynaIPAdapter`` = HMoE fusion + per-block reference K/V projections (image branch for every injected block,
+text branch for double-stream blocks). Only the adapter is trained; the base model stays frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel
+from torch import nn
+
+from .attention import DynaIPAttnProcessor, FluxPosEmbedFP32
+from .configs import AdapterConfig, TransformerConfig
+from .fusion import HMoEFusion
+
+
+class BlockKV(nn.Module):
+    """Reference K/V projections of one block: ``[..., W] -> [..., inner_dim]`` (zero-initialised)."""
+
+    def __init__(self, width: int, inner_dim: int):
+        super().__init__()
+        self.to_k = nn.Linear(width, inner_dim, bias=False)
+        self.to_v = nn.Linear(width, inner_dim, bias=False)
+        nn.init.zeros_(self.to_k.weight)
+        nn.init.zeros_(self.to_v.weight)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_k(tokens), self.to_v(tokens)
+
+
+class DynaIPAdapter(nn.Module):
+    """DynaIP adapter for a FLUX-style MM-DiT.
+
+    Attributes:
+        fusion: HMoE feature fusion (CLIP levels -> reference tokens of width ``inner_dim``).
+        img_kv: image-branch K/V per injected block (double blocks, then single blocks if ``inject_single``).
+        txt_kv: text-branch K/V per double-stream block (used in training and by DDS schedules only).
+    """
+
+    def __init__(self, cfg: AdapterConfig, transformer: TransformerConfig, clip_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.clip_dim = clip_dim
+        self.inner_dim = transformer.inner_dim
+        self.num_double = transformer.num_layers
+        num_img_blocks = transformer.num_layers + (transformer.num_single_layers if cfg.inject_single else 0)
+        self.fusion = HMoEFusion(cfg, clip_dim, self.inner_dim)
+        self.img_kv = nn.ModuleList([BlockKV(self.inner_dim, self.inner_dim) for _ in range(num_img_blocks)])
+        self.txt_kv = nn.ModuleList([BlockKV(self.inner_dim, self.inner_dim) for _ in range(self.num_double)])
+
+    def reference_tokens(self, levels: torch.Tensor, level_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """levels ``[B, S, L, P, C]`` (+ override ``[B, S, L]``) -> reference tokens ``[B, S, N, inner_dim]``."""
+        b, s = levels.shape[:2]
+        lw = None if level_weights is None else level_weights.flatten(0, 1)
+        tokens, _ = self.fusion(levels.flatten(0, 1), lw)
+        return tokens.unflatten(0, (b, s))
+
+    @staticmethod
+    def _project(kvs: nn.ModuleList, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ks, vs = zip(*(kv(tokens) for kv in kvs))
+        return torch.stack(ks), torch.stack(vs)  # [blocks, B, S, N, inner_dim] each
+
+    def image_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-branch reference K/V ``[img_blocks, B, S, N, inner_dim]`` each, from tokens ``[B, S, N, W]``."""
+        return self._project(self.img_kv, tokens)
+
+    def text_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-branch reference K/V ``[double_blocks, B, S, N, inner_dim]`` each."""
+        return self._project(self.txt_kv, tokens)
+
+    def randomize_kv(self, generator: torch.Generator, std: float = 0.02) -> None:
+        """Give the zero-initialised K/V projections small random weights (tests and the tiny demo default)."""
+        with torch.no_grad():
+            for kv in [*self.img_kv, *self.txt_kv]:
+                for lin in (kv.to_k, kv.to_v):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * std)
+
+
+def install_processors(transformer: FluxTransformer2DModel, adapter_cfg: AdapterConfig) -> None:
+    """Install DynaIP processors and FP32 RoPE into a diffusers ``FluxTransformer2DModel`` in place.
+
+    Without a ``dynaip`` joint-attention kwarg the processors compute exactly the base model (up to float32
+    RoPE instead of float64).
+    """
+    pe = transformer.pos_embed
+    transformer.pos_embed = FluxPosEmbedFP32(pe.theta, pe.axes_dim)
+    n_double = len(transformer.transformer_blocks)
+    for i, block in enumerate(transformer.transformer_blocks):
+        block.attn.set_processor(DynaIPAttnProcessor(ref_index=i, txt_index=i))
+    for j, block in enumerate(transformer.single_transformer_blocks):
+        ref = n_double + j if adapter_cfg.inject_single else None
+        block.attn.set_processor(DynaIPAttnProcessor(ref_index=ref, txt_index=None))

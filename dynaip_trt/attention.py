@@ -1,0 +1,212 @@
+"""Attention processors for diffusers' ``FluxTransformer2DModel`` with DynaIP image-prompt injection.
+
+Installed with :func:`dynaip_trt.adapter.install_processors` (no fork of diffusers). Compared with diffusers'
+``FluxAttnProcessor`` they (a) keep attention 4-D ``[batch, heads, tokens, head_dim]`` and call
+``F.scaled_dot_product_attention`` directly, so the graph exports cleanly to ONNX/TensorRT, (b) read RoPE from
+:class:`FluxPosEmbedFP32` (no float64 ops), and (c) add the decoupled reference attention of DynaIP:
+
+    img += s_img * Attn(q_img, K_img(R), V_img(R))       # image branch, always (scales / masks per subject)
+    txt += s_txt * Attn(q_txt, K_txt(R), V_txt(R))       # text branch, training or a DDS schedule only
+
+``q_*`` are each branch's queries after QK-norm and before RoPE. The reference K/V ``K(R), V(R)`` arrive already
+projected (computed once per request by the fusion engine) through the ``dynaip`` joint-attention kwarg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+
+
+class FluxPosEmbedFP32(nn.Module):
+    """FLUX's 3-axis RoPE computed in float32 (diffusers' ``FluxPosEmbed`` uses float64, which TensorRT lacks).
+
+    Forward: ``ids [tokens, 3]`` -> ``(cos, sin)``, each ``[tokens, head_dim]`` float32.
+    """
+
+    def __init__(self, theta: int, axes_dim: list[int] | tuple[int, ...]):
+        super().__init__()
+        self.theta = theta
+        self.axes_dim = tuple(axes_dim)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = ids.float()
+        cos_out, sin_out = [], []
+        for i, dim in enumerate(self.axes_dim):
+            exponent = torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim
+            freqs = 1.0 / (self.theta**exponent)  # [dim/2]
+            angles = pos[:, i : i + 1] * freqs[None, :]  # [tokens, dim/2]
+            # repeat_interleave(2) written as stack+flatten: [c0, c0, c1, c1, ...]
+            cos_out.append(torch.stack([angles.cos(), angles.cos()], dim=-1).flatten(-2))
+            sin_out.append(torch.stack([angles.sin(), angles.sin()], dim=-1).flatten(-2))
+        return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+
+
+@dataclass
+class ReferenceInputs:
+    """Per-request DynaIP inputs handed to every processor through ``joint_attention_kwargs={"dynaip": ...}``.
+
+    Attributes:
+        img_k, img_v: image-branch reference keys/values ``[blocks, batch, subjects, ref_tokens, inner_dim]``,
+            one slice per injected block (double-stream blocks first, then single-stream blocks if enabled).
+        scales: per-subject scales ``[batch, subjects]``.
+        masks: optional per-subject spatial masks over image tokens ``[batch, subjects, image_tokens]`` (0..1).
+        block_scales: optional per-block multiplier of the image branch ``[blocks]``.
+        txt_k, txt_v: text-branch reference keys/values ``[double_blocks, batch, subjects, ref_tokens, inner_dim]``,
+            or ``None`` (Dynamic Decoupling Strategy at inference: the text branch is dropped and never computed).
+        txt_block_scales: text-branch multiplier per double block ``[double_blocks]`` (the DDS schedule value of
+            the current step); required when ``txt_k`` is given.
+        mode: ``"sum"`` (per-subject attention, gated and summed) or ``"concat"`` (one softmax over all subjects).
+        image_tokens: number of image tokens N (needed only for single-stream injection).
+    """
+
+    img_k: torch.Tensor
+    img_v: torch.Tensor
+    scales: torch.Tensor
+    masks: torch.Tensor | None = None
+    block_scales: torch.Tensor | None = None
+    txt_k: torch.Tensor | None = None
+    txt_v: torch.Tensor | None = None
+    txt_block_scales: torch.Tensor | None = None
+    mode: str = "sum"
+    image_tokens: int | None = None
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scales: torch.Tensor,
+    masks: torch.Tensor | None,
+    mode: str,
+) -> torch.Tensor:
+    """Attention of one branch's queries to the subjects' reference tokens.
+
+    Args:
+        q: queries after QK-norm, before RoPE ``[B, H, N, D]``.
+        k, v: reference keys/values ``[B, S, T, H*D]``.
+        scales: ``[B, S]``.
+        masks: ``[B, S, N]`` or ``None``.
+        mode: ``"sum"``: each subject attended separately (subject axis folded into batch, attention stays 4-D),
+            multiplied by ``scale * mask`` and summed over subjects. ``"concat"``: one softmax over all
+            ``S*T`` tokens; values scaled per subject, masks become an additive bias and gate the output.
+
+    Returns:
+        ``[B, N, H*D]``
+    """
+    heads, head_dim = q.shape[1], q.shape[3]
+    num_subjects, ref_tokens = k.shape[1], k.shape[2]
+    if mode == "sum":
+        k4 = k.flatten(0, 1).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B*S, H, T, D]
+        v4 = v.flatten(0, 1).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        q4 = q.unsqueeze(1).expand(-1, num_subjects, -1, -1, -1).flatten(0, 1)  # [B*S, H, N, D]
+        out = F.scaled_dot_product_attention(q4, k4, v4)  # [B*S, H, N, D]
+        out = out.unflatten(0, (-1, num_subjects)).permute(0, 1, 3, 2, 4).flatten(3)  # [B, S, N, H*D]
+        gate = scales[:, :, None]  # [B, S, 1]
+        if masks is not None:
+            gate = gate * masks  # [B, S, N]
+        return (out * gate.unsqueeze(-1)).sum(dim=1)
+    if mode == "concat":
+        v = v * scales[:, :, None, None]
+        k4 = k.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, S*T, D]
+        v4 = v.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        bias = None
+        if masks is not None:
+            m = masks.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N, S*T]
+            bias = ((1.0 - m) * -1.0e4).to(q.dtype).unsqueeze(1)  # [B, 1, N, S*T]
+        out = F.scaled_dot_product_attention(q, k4, v4, attn_mask=bias)  # [B, H, N, D]
+        out = out.transpose(1, 2).flatten(2)  # [B, N, H*D]
+        if masks is not None:
+            out = out * masks.amax(dim=1).unsqueeze(-1)
+        return out
+    raise ValueError(f"unknown reference attention mode {mode!r}; expected 'sum' or 'concat'")
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, N, H*D]`` -> ``[B, N, H, D]``"""
+    return x.unflatten(-1, (-1, head_dim))
+
+
+class DynaIPAttnProcessor:
+    """Flux attention (double- or single-stream) with optional DynaIP reference injection.
+
+    Args:
+        ref_index: index of this block in ``ReferenceInputs.img_k`` (``None``: this block gets no injection).
+        txt_index: index in ``ReferenceInputs.txt_k`` for double-stream blocks (``None`` for single blocks).
+    """
+
+    def __init__(self, ref_index: int | None = None, txt_index: int | None = None):
+        self.ref_index = ref_index
+        self.txt_index = txt_index
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dynaip: ReferenceInputs | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        hd = attn.head_dim
+        # [B, N, H, D] -> QK-norm -> [B, H, N, D]
+        query = attn.norm_q(_heads(attn.to_q(hidden_states), hd)).transpose(1, 2)
+        key = attn.norm_k(_heads(attn.to_k(hidden_states), hd)).transpose(1, 2)
+        value = _heads(attn.to_v(hidden_states), hd).transpose(1, 2)
+        img_query, txt_query = query, None  # pre-RoPE queries of each branch
+
+        if encoder_hidden_states is not None:  # double-stream block: text tokens come first
+            txt_query = attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), hd)).transpose(1, 2)
+            txt_key = attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), hd)).transpose(1, 2)
+            txt_value = _heads(attn.add_v_proj(encoder_hidden_states), hd).transpose(1, 2)
+            query = torch.cat([txt_query, query], dim=2)
+            key = torch.cat([txt_key, key], dim=2)
+            value = torch.cat([txt_value, value], dim=2)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=2)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=2)
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # [B, H, L+N, D]
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)  # [B, L+N, H*D]
+
+        if encoder_hidden_states is None:  # single-stream block: [txt; img] tokens, no output projection here
+            if dynaip is not None and self.ref_index is not None:
+                out = out + self._single_stream_term(img_query, dynaip)
+            return out
+
+        txt_len = encoder_hidden_states.shape[1]
+        txt_out, img_out = out[:, :txt_len], out[:, txt_len:]
+        img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        if dynaip is not None and self.ref_index is not None:
+            img_out = img_out + self._image_term(img_query, dynaip)
+        if dynaip is not None and self.txt_index is not None and dynaip.txt_k is not None:
+            txt_out = txt_out + self._text_term(txt_query, dynaip)
+        return img_out, txt_out
+
+    def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
+        """``s_img * Attn(q_img, K_img, V_img)``: ``[B, N_img, C]``."""
+        i = self.ref_index
+        term = reference_attention(img_query, r.img_k[i], r.img_v[i], r.scales, r.masks, r.mode)
+        if r.block_scales is not None:
+            term = term * r.block_scales[i]
+        return term
+
+    def _text_term(self, txt_query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
+        """``s_txt * Attn(q_txt, K_txt, V_txt)``: ``[B, L_txt, C]`` (masks are over image tokens: not applied)."""
+        i = self.txt_index
+        term = reference_attention(txt_query, r.txt_k[i], r.txt_v[i], r.scales, None, r.mode)
+        return term * r.txt_block_scales[i]
+
+    def _single_stream_term(self, query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
+        """Image-token injection in a single-stream block; zero on the text tokens. ``[B, L+N, C]``."""
+        if r.image_tokens is None:
+            raise ValueError("single-stream injection needs ReferenceInputs.image_tokens")
+        txt_len = query.shape[2] - r.image_tokens
+        term = self._image_term(query[:, :, txt_len:], r)
+        return torch.cat([term.new_zeros(term.shape[0], txt_len, term.shape[2]), term], dim=1)

@@ -1,0 +1,151 @@
+"""Validation of generation requests, shared by the reference pipeline and every runtime backend.
+
+Each check raises an :class:`~dynaip_trt.errors.InputError` subclass whose message names the field and the allowed
+range; the README's error table lists them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .configs import DynaIPConfig
+from .errors import ConfigError, InputError, SubjectLimitError
+from .images import ImageLike, load_image
+
+MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class TextBranchSchedule:
+    """Dynamic Decoupling Strategy schedule for the text-branch injection at inference.
+
+    The default (``steps=0``) drops the text branch at every step and block (the paper's DDS). ``steps=k`` keeps
+    it for the first ``k`` denoising steps with multiplier ``scale`` (or per-block ``block_scales``).
+    """
+
+    steps: int = 0
+    scale: float = 1.0
+    block_scales: tuple[float, ...] | None = None
+
+    def active(self, step: int) -> bool:
+        return step < self.steps
+
+    def block_tensor(self, num_blocks: int) -> torch.Tensor:
+        """Per-block text-branch multipliers ``[num_blocks]``."""
+        if self.block_scales is None:
+            return torch.full((num_blocks,), float(self.scale))
+        if len(self.block_scales) != num_blocks:
+            raise InputError(f"text_branch.block_scales has {len(self.block_scales)} values; expected {num_blocks}")
+        return torch.tensor(self.block_scales, dtype=torch.float32)
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    """Height/width must be positive multiples of ``multiple`` (16 for FLUX) and at most ``MAX_SIDE``."""
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise InputError(f"{name} must be an int, got {type(v).__name__}")
+        if v < multiple or v > MAX_SIDE or v % multiple:
+            raise InputError(f"{name}={v} must be a multiple of {multiple} in [{multiple}, {MAX_SIDE}]")
+
+
+def check_steps_guidance(steps: int, guidance: float) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+        raise InputError(f"steps={steps!r} must be an int in [1, 1000]")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0.0 <= guidance <= 100.0:
+        raise InputError(f"guidance={guidance!r} must be a finite number in [0, 100]")
+
+
+def normalize_references(references: Sequence[ImageLike | Sequence[ImageLike]], max_subjects: int
+                         ) -> list[list[Image.Image]]:
+    """``[img | [img, ...] per subject]`` -> ``[[RGB image, ...] per subject]``, validated."""
+    if references is None or isinstance(references, (str, Image.Image)) or len(references) == 0:
+        raise InputError("references must be a non-empty list with one image (or list of images) per subject")
+    if len(references) > max_subjects:
+        raise SubjectLimitError(
+            f"references: {len(references)} subjects given; this engine allows 1..{max_subjects} subjects"
+        )
+    subjects = []
+    for s, ref in enumerate(references):
+        imgs = [ref] if isinstance(ref, (str, Image.Image)) or hasattr(ref, "__fspath__") else list(ref)
+        if not imgs:
+            raise InputError(f"references[{s}]: empty list; give at least one image per subject")
+        subjects.append([load_image(im, field=f"references[{s}]") for im in imgs])
+    return subjects
+
+
+def normalize_scales(scales: float | Sequence[float], num_subjects: int) -> torch.Tensor:
+    """Scalar or one value per subject -> ``[1, S]`` float32; finite values in [0, 10]."""
+    values = [scales] * num_subjects if isinstance(scales, (int, float)) else list(scales)
+    if len(values) != num_subjects:
+        raise InputError(f"scales has {len(values)} values for {num_subjects} subjects; give one per subject")
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(arr).all() or (arr < 0).any() or (arr > 10).any():
+        raise InputError(f"scales={values} must be finite numbers in [0, 10]")
+    return torch.tensor(arr, dtype=torch.float32)[None]
+
+
+def normalize_granularity(granularity, num_subjects: int, num_levels: int) -> torch.Tensor | None:
+    """Level-weight override: ``None`` (router decides), ``L`` weights for all subjects or ``[S][L]``.
+
+    Returns ``[1, S, L]`` float32 or ``None``. Weights must be finite, >= 0 and not all zero.
+    """
+    if granularity is None:
+        return None
+    arr = np.asarray(granularity, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = np.broadcast_to(arr, (num_subjects, arr.shape[0]))
+    if arr.shape != (num_subjects, num_levels):
+        raise InputError(
+            f"granularity has shape {tuple(np.shape(granularity))}; expected ({num_levels},) or "
+            f"({num_subjects}, {num_levels}) level weights"
+        )
+    if not np.isfinite(arr).all() or (arr < 0).any() or (arr.sum(-1) <= 0).any():
+        raise InputError("granularity weights must be finite, >= 0, and not all zero for a subject")
+    return torch.tensor(arr, dtype=torch.float32)[None]
+
+
+def normalize_masks(masks, num_subjects: int, height: int, width: int, vae_factor: int) -> torch.Tensor | None:
+    """Per-subject masks (PIL or arrays of shape ``(H, W)`` in pixels or ``(H/16, W/16)`` in tokens, values in
+    [0, 1] or 0..255 for 8-bit images) -> ``[1, S, N]`` float32 over image tokens (area-averaged), or ``None``."""
+    if masks is None:
+        return None
+    if len(masks) != num_subjects:
+        raise InputError(f"masks has {len(masks)} entries for {num_subjects} subjects; give one per subject")
+    gh, gw = height // vae_factor // 2, width // vae_factor // 2
+    out = []
+    for s, m in enumerate(masks):
+        arr = np.asarray(m.convert("L"), dtype=np.float64) / 255.0 if isinstance(m, Image.Image) else np.asarray(
+            m, dtype=np.float64)
+        if arr.shape == (height, width):
+            arr = arr.reshape(gh, height // gh, gw, width // gw).mean(axis=(1, 3))
+        elif arr.shape != (gh, gw):
+            raise InputError(
+                f"masks[{s}] has shape {arr.shape}; expected ({height}, {width}) pixels or ({gh}, {gw}) tokens"
+            )
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise InputError(f"masks[{s}] values must be finite and in [0, 1]")
+        out.append(arr.reshape(-1))
+    return torch.tensor(np.stack(out), dtype=torch.float32)[None]
+
+
+def check_backend(name: str, allowed: Sequence[str]) -> str:
+    if name not in allowed:
+        raise ConfigError(f"unknown backend {name!r}; choose one of {list(allowed)}")
+    return name
+
+
+def request_defaults(cfg: DynaIPConfig, steps, guidance, height, width) -> tuple[int, float, int, int]:
+    """Fill ``None`` arguments from the config and validate them."""
+    steps = cfg.steps if steps is None else steps
+    guidance = cfg.guidance if guidance is None else guidance
+    height = cfg.height if height is None else height
+    width = cfg.width if width is None else width
+    check_size(height, width, cfg.pixel_multiple)
+    check_steps_guidance(steps, guidance)
+    return steps, float(guidance), height, width

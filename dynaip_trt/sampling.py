@@ -1,0 +1,74 @@
+"""Flow-matching sampling helpers shared by the reference pipeline and the runtime.
+
+FLUX packs latents ``[B, 16, h, w]`` (h = H/8) into 2x2 patches ``[B, (h/2)*(w/2), 64]`` and samples with an Euler
+flow-matching schedule whose sigmas are shifted by ``mu``, a linear function of the image token count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B, (h/2)*(w/2), C*4]``"""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int, vae_factor: int) -> torch.Tensor:
+    """``[B, N, C*4]`` -> ``[B, C, H/vae_factor, W/vae_factor]``"""
+    b, _, c4 = packed.shape
+    h, w = height // vae_factor, width // vae_factor
+    x = packed.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def latent_image_ids(height: int, width: int, vae_factor: int) -> torch.Tensor:
+    """Position ids of the packed image tokens ``[N, 3]`` float32: (0, row, col)."""
+    h, w = height // vae_factor // 2, width // vae_factor // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def text_ids(text_len: int) -> torch.Tensor:
+    """Position ids of the text tokens ``[L, 3]`` (all zeros in FLUX)."""
+    return torch.zeros(text_len, 3)
+
+
+def image_token_count(height: int, width: int, vae_factor: int) -> int:
+    return (height // vae_factor // 2) * (width // vae_factor // 2)
+
+
+def flux_mu(image_tokens: int, base_len: int = 256, max_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift ``mu`` (linear in the image token count)."""
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * m + (base_shift - m * base_len)
+
+
+def flux_sigmas(steps: int, image_tokens: int) -> np.ndarray:
+    """Shifted sigmas ``[steps + 1]`` from 1 down to 0 (float32), as FLUX.1-dev's scheduler computes them."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    sigmas = np.linspace(1.0, 1.0 / steps, steps, dtype=np.float64)
+    mu = flux_mu(image_tokens)
+    shifted = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    return np.append(shifted, 0.0).astype(np.float32)
+
+
+def initial_noise(batch: int, height: int, width: int, vae_factor: int, channels: int, seed: int) -> torch.Tensor:
+    """Seeded Gaussian latents, packed: ``[B, N, channels*4]`` float32 (CPU generator: same on every backend)."""
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(batch, channels, height // vae_factor, width // vae_factor, generator=g)
+    return pack_latents(lat)
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One flow-matching Euler step: ``x_{next} = x + (sigma_next - sigma) * v``."""
+    return latents + (sigma_next - sigma) * velocity

@@ -1,0 +1,86 @@
+"""Tokenizers and the FLUX text encoding (CLIP-L pooled vector + T5 sequence).
+
+Real checkpoints bring their own tokenizers (``tokenizer/`` and ``tokenizer_2/`` of a diffusers FLUX folder).
+Tiny models use :class:`ByteTokenizer` (UTF-8 bytes, no vocabulary file, nothing to download).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import InputError, WeightsError
+
+BYTE_TOKENIZER_FILE = "dynaip_byte_tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
+        """Token ids ``[len(texts), max_length]`` int64, padded/truncated."""
+
+
+class ByteTokenizer:
+    """UTF-8 byte tokenizer: pad=0, eos=1, byte b -> b+2. Vocabulary size 258."""
+
+    pad_id = 0
+    eos_id = 1
+    vocab_size = 258
+
+    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
+        ids = np.zeros((len(texts), max_length), dtype=np.int64)
+        for i, t in enumerate(texts):
+            toks = [b + 2 for b in t.encode("utf-8")][: max_length - 1] + [self.eos_id]
+            ids[i, : len(toks)] = toks
+        return ids
+
+    def count(self, text: str) -> int:
+        """Tokens the text needs including EOS."""
+        return len(text.encode("utf-8")) + 1
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": "byte", "vocab_size": self.vocab_size}))
+
+
+class HFTokenizer:
+    """Wraps a transformers tokenizer loaded from a local folder."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+
+    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
+        out = self.tok(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
+        return out["input_ids"].astype(np.int64)
+
+    def count(self, text: str) -> int:
+        return len(self.tok(text, truncation=False)["input_ids"])
+
+
+def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
+    """Load the tokenizer saved in ``folder`` (byte tokenizer marker or a transformers tokenizer)."""
+    folder = Path(folder)
+    if (folder / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer()
+    if not folder.is_dir():
+        raise WeightsError(f"tokenizer folder {folder} does not exist")
+    try:
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot load a tokenizer from {folder}: {e}") from e
+
+
+def validate_prompt(prompt: str, tokenizer: ByteTokenizer | HFTokenizer, max_length: int) -> str:
+    """Check a prompt: a non-empty string whose tokens fit ``max_length`` (the engine's text length)."""
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InputError("prompt is empty; give at least one non-space character")
+    n = tokenizer.count(prompt)
+    if n > max_length:
+        raise InputError(f"prompt is {n} tokens long; the text length is {max_length} tokens (shorten the prompt)")
+    return prompt
