@@ -1,0 +1,152 @@
+"""The contract between ``export`` (writer) and ``runtime`` (reader): model I/O names and the build manifest.
+
+A build directory holds ``manifest.json`` plus the files it lists (ONNX graphs, external data, TensorRT engines),
+each with its SHA-256. The runtime trusts nothing else: files are verified against their hashes, paths may not
+leave the directory, and the TensorRT version / GPU an engine was built for are checked before deserializing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .configs import DynaIPConfig
+from .errors import ManifestError
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "dynaip-trt-manifest"
+MANIFEST_VERSION = 1
+
+# Input and output names of every exported model, in call order. Shapes (symbolic names are dynamic axes):
+#   clip:   pixel_values [M, 3, S, S]                           -> levels [M, L, P, C]
+#   fusion: levels [B, S, L, P, C], level_weights [B, S, L], level_override [B, S]
+#                                                               -> img_k, img_v [blocks, B, S, T, inner]
+#   text:   clip_ids [B, 77] int64, t5_ids [B, Ltxt] int64      -> text_embeds [B, Ltxt, D], pooled [B, Dp]
+#   dit:    latents [B, N, 64], text_embeds, pooled, timestep [B], guidance [B], img_ids [N, 3], txt_ids [Ltxt, 3],
+#           img_k, img_v, scales [B, S], masks [B, S, N]        -> velocity [B, N, 64]
+#   vae:    latents [B, 16, h, w]                               -> images [B, 3, 8h, 8w]
+MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "clip": (("pixel_values",), ("levels",)),
+    "fusion": (("levels", "level_weights", "level_override"), ("img_k", "img_v")),
+    "text": (("clip_ids", "t5_ids"), ("text_embeds", "pooled")),
+    "dit": (("latents", "text_embeds", "pooled", "timestep", "guidance", "img_ids", "txt_ids", "img_k", "img_v",
+             "scales", "masks"), ("velocity",)),
+    "vae": (("latents",), ("images",)),
+}
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_join(root: str | Path, rel: str) -> Path:
+    """``root / rel`` if it stays inside ``root``; otherwise :class:`ManifestError` (no path escapes)."""
+    root = Path(root).resolve()
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise ManifestError(f"manifest path {rel!r} must be relative to the build directory")
+    target = (root / rel).resolve()
+    if target != root and root not in target.parents:
+        raise ManifestError(f"manifest path {rel!r} escapes the build directory {root}")
+    return target
+
+
+@dataclass
+class ModelEntry:
+    """One exported model in a build directory.
+
+    Attributes:
+        onnx: ONNX file name; files: every file of this model (``{relpath: sha256}``, external data included).
+        inputs/outputs: ``{name: {"dtype": str, "shape": [int | str]}}`` (strings are dynamic axes).
+        profile: TensorRT/shape profile ``{input: {"min": [...], "opt": [...], "max": [...]}}``.
+        precision: numeric precision of the graph (``fp32``, ``fp16``, ``bf16``, ``fp8``).
+        engine: TensorRT engine file (set by ``export.build``), or ``None``.
+        variants: other ONNX files of the same model by precision (e.g. ``{"fp16": "dit.fp16.onnx"}``).
+    """
+
+    onnx: str
+    files: dict[str, str]
+    inputs: dict[str, dict[str, Any]]
+    outputs: dict[str, dict[str, Any]]
+    profile: dict[str, dict[str, list[int]]]
+    precision: str = "fp32"
+    engine: str | None = None
+    variants: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """``manifest.json`` of a build directory."""
+
+    config: dict[str, Any]
+    models: dict[str, ModelEntry]
+    opset: int
+    max_subjects: int
+    tensorrt: dict[str, Any] | None = None
+    created_by: str = "dynaip-trt"
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    @property
+    def dynaip_config(self) -> DynaIPConfig:
+        return DynaIPConfig.from_dict(self.config)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``manifest.json`` atomically (temp name, then rename)."""
+        path = Path(directory) / MANIFEST_FILE
+        tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(f"{directory} has no {MANIFEST_FILE}; run `python -m export.onnx` or "
+                                f"`python -m export.build` to create a build directory")
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != MANIFEST_FORMAT:
+                raise ManifestError(f"{path} is not a dynaip-trt manifest (format={d.get('format')!r})")
+            if d.get("version") != MANIFEST_VERSION:
+                raise ManifestError(f"{path} has manifest version {d.get('version')}; this package reads "
+                                    f"version {MANIFEST_VERSION} (rebuild the directory)")
+            models = {k: ModelEntry(**v) for k, v in d.pop("models").items()}
+            m = cls(models=models, **d)
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise ManifestError(f"{path} is not a valid manifest: {e}") from e
+        for name, entry in m.models.items():
+            if name not in MODEL_IO:
+                raise ManifestError(f"{path}: unknown model {name!r}")
+            if entry.precision not in PRECISIONS:
+                raise ManifestError(f"{path}: model {name} has unknown precision {entry.precision!r}")
+            for rel in [entry.onnx, *entry.files, *([entry.engine] if entry.engine else []),
+                        *entry.variants.values()]:
+                safe_join(directory, rel)
+        return m
+
+    def verify(self, directory: str | Path, models: list[str] | None = None) -> None:
+        """Check that every listed file exists and has its recorded SHA-256 (truncated/tampered files fail)."""
+        for name in models or list(self.models):
+            if name not in self.models:
+                raise ManifestError(f"the build directory {directory} has no {name!r} model "
+                                    f"(it has {sorted(self.models)})")
+            for rel, digest in self.models[name].files.items():
+                p = safe_join(directory, rel)
+                if not p.is_file():
+                    raise ManifestError(f"{name}: file {rel} listed in the manifest is missing from {directory}")
+                if sha256_file(p) != digest:
+                    raise ManifestError(f"{name}: file {rel} does not match its manifest hash (truncated, "
+                                        f"tampered with, or from another build); re-run the export")
