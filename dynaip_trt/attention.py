@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 
@@ -44,6 +43,19 @@ class FluxPosEmbedFP32(nn.Module):
             cos_out.append(torch.stack([angles.cos(), angles.cos()], dim=-1).flatten(-2))
             sin_out.append(torch.stack([angles.sin(), angles.sin()], dim=-1).flatten(-2))
         return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Apply FLUX RoPE in float32 to ``x [B, H, S, D]`` with ``cos, sin [S, D]`` (interleaved pairs).
+
+    Same math as diffusers' ``apply_rotary_emb(use_real=True, use_real_unbind_dim=-1)`` but written with strided
+    slices instead of ``unbind``, which the dynamo exporter lowers to sequence ops TensorRT cannot parse.
+    """
+    cos, sin = rope
+    xf = x.float()
+    x_real, x_imag = xf[..., 0::2], xf[..., 1::2]  # [B, H, S, D/2]
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)  # [B, H, S, D]
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 @dataclass
@@ -104,7 +116,7 @@ def reference_attention(
         k4 = k.flatten(0, 1).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B*S, H, T, D]
         v4 = v.flatten(0, 1).unflatten(-1, (heads, head_dim)).transpose(1, 2)
         q4 = q.unsqueeze(1).expand(-1, num_subjects, -1, -1, -1).flatten(0, 1)  # [B*S, H, N, D]
-        out = F.scaled_dot_product_attention(q4, k4, v4)  # [B*S, H, N, D]
+        out = F.scaled_dot_product_attention(q4, k4, v4, scale=head_dim**-0.5)  # [B*S, H, N, D]
         out = out.unflatten(0, (-1, num_subjects)).permute(0, 1, 3, 2, 4).flatten(3)  # [B, S, N, H*D]
         gate = scales[:, :, None]  # [B, S, 1]
         if masks is not None:
@@ -118,7 +130,7 @@ def reference_attention(
         if masks is not None:
             m = masks.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N, S*T]
             bias = ((1.0 - m) * -1.0e4).to(q.dtype).unsqueeze(1)  # [B, 1, N, S*T]
-        out = F.scaled_dot_product_attention(q, k4, v4, attn_mask=bias)  # [B, H, N, D]
+        out = F.scaled_dot_product_attention(q, k4, v4, attn_mask=bias, scale=head_dim**-0.5)  # [B, H, N, D]
         out = out.transpose(1, 2).flatten(2)  # [B, N, H*D]
         if masks is not None:
             out = out * masks.amax(dim=1).unsqueeze(-1)
@@ -168,10 +180,10 @@ class DynaIPAttnProcessor:
             value = torch.cat([txt_value, value], dim=2)
 
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=2)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=2)
+            query = apply_rope(query, image_rotary_emb)
+            key = apply_rope(key, image_rotary_emb)
 
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # [B, H, L+N, D]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=hd**-0.5)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)  # [B, L+N, H*D]
 
         if encoder_hidden_states is None:  # single-stream block: [txt; img] tokens, no output projection here

@@ -24,7 +24,9 @@ class PerceiverLayer(nn.Module):
         self.norm_x = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.scale = (dim // heads) ** -0.5
         self.to_out = nn.Linear(dim, dim, bias=False)
         self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -33,10 +35,10 @@ class PerceiverLayer(nn.Module):
         x = self.norm_x(x)
         lat = self.norm_latents(latents)
         q = self.to_q(lat).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [M, h, N, d]
-        k, v = self.to_kv(torch.cat([x, lat], dim=1)).chunk(2, dim=-1)  # [M, P+N, dim] each
-        k = k.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        v = v.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [M, N, dim]
+        kv_in = torch.cat([x, lat], dim=1)  # [M, P+N, dim]
+        k = self.to_k(kv_in).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [M, h, P+N, d]
+        v = self.to_v(kv_in).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).flatten(2)  # [M, N, dim]
         latents = latents + self.to_out(out)
         return latents + self.ff(latents)
 

@@ -100,7 +100,7 @@ class Manifest:
         return DynaIPConfig.from_dict(self.config)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps(asdict(self), indent=1)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``manifest.json`` atomically (temp name, then rename)."""

@@ -34,3 +34,16 @@ def make_images():
         return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, tiny_models):
+    """One ONNX export of the tiny family (all models fp32 + an fp16 DiT), shared by every test that needs it.
+
+    Read-only for tests: copy it before modifying files.
+    """
+    from export.onnx import export_all
+
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    export_all(out, models=tiny_models, fp16=("dit",), progress=False)
+    return out
