@@ -230,17 +230,21 @@ class DynaIPPipeline:
         vf = self.config.vae.spatial_factor
         n_img = image_token_count(height, width, vf)
         sigmas = flux_sigmas(steps, n_img)
-        img_ids, txt_ids = latent_image_ids(height, width, vf), text_ids(text.shape[1])
+        # everything constant across steps goes to the device once, so the loop itself never copies from the host
+        img_ids, txt_ids = latent_image_ids(height, width, vf).to(dev), text_ids(text.shape[1]).to(dev)
         g = torch.full((b,), float(guidance), device=dev)
         expand = (lambda t: None if t is None else t.expand(-1, b, -1, -1, -1))  # noqa: E731
+        scales_b = scales.expand(b, -1).to(dev)
+        masks_b = None if masks is None else masks.expand(b, -1, -1).to(dev)
+        has_txt = text_branch is not None and ref.txt_k is not None
+        txt_blocks = text_branch.block_tensor(ref.txt_k.shape[0]).to(dev) if has_txt else None
         x = latents.to(dev)
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
-            use_txt = text_branch is not None and text_branch.active(i) and ref.txt_k is not None
+            use_txt = has_txt and text_branch.active(i)
             inputs = ReferenceInputs(
-                img_k=expand(ref.img_k), img_v=expand(ref.img_v), scales=scales.expand(b, -1).to(dev),
-                masks=None if masks is None else masks.expand(b, -1, -1).to(dev),
+                img_k=expand(ref.img_k), img_v=expand(ref.img_v), scales=scales_b, masks=masks_b,
                 txt_k=expand(ref.txt_k) if use_txt else None, txt_v=expand(ref.txt_v) if use_txt else None,
-                txt_block_scales=text_branch.block_tensor(ref.txt_k.shape[0]).to(dev) if use_txt else None,
+                txt_block_scales=txt_blocks if use_txt else None,
                 mode=self.config.adapter.attention_mode, image_tokens=n_img,
             )
             t = torch.full((b,), float(sigmas[i]), device=dev)
@@ -254,14 +258,17 @@ class DynaIPPipeline:
         return latents_to_pil(self.stages.decode(unpacked).cpu().numpy())
 
     # ------------------------------------------------------------------------------------------------ call
-    def __call__(self, prompt: str | Sequence[str], references: Sequence[ImageLike | Sequence[ImageLike]],
+    def __call__(self, prompt: str | Sequence[str],
+                 references: Sequence[ImageLike | Sequence[ImageLike]] | ReferenceKV,
                  scales: float | Sequence[float] = 1.0, granularity=None, masks=None, steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  seed: int | None = None, text_branch: TextBranchSchedule | None = None,
                  output_type: str = "pil", progress: bool = True) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt showing the reference subjects.
 
-        Returns PIL images, or the final packed latents ``[B, N, 64]`` with ``output_type="latent"``.
+        ``references``: one image (or list of views) per subject, or a :class:`ReferenceKV` from
+        :meth:`encode_references` to reuse one encoding across prompts. Returns PIL images, or the final packed
+        latents ``[B, N, 64]`` with ``output_type="latent"``.
         """
         if output_type not in ("pil", "latent"):
             raise InputError(f"output_type={output_type!r} must be 'pil' or 'latent'")
@@ -273,7 +280,14 @@ class DynaIPPipeline:
         use_txt = text_branch is not None and text_branch.steps > 0
         if use_txt and not self.stages.supports_text_branch:
             raise InputError("text_branch schedules need the torch backend (exported engines drop the text branch)")
-        ref = self.encode_references(references, granularity, text_branch=use_txt)
+        if isinstance(references, ReferenceKV):  # encoded once with encode_references(), reused across prompts
+            if granularity is not None:
+                raise InputError("granularity applies when references are encoded: pass it to encode_references()")
+            if use_txt and references.txt_k is None:
+                raise InputError("text_branch needs references encoded with encode_references(text_branch=True)")
+            ref = references
+        else:
+            ref = self.encode_references(references, granularity, text_branch=use_txt)
         s = ref.num_subjects
         scale_t = normalize_scales(scales, s)
         mask_t = normalize_masks(masks, s, height, width, self.config.vae.spatial_factor)

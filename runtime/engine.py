@@ -1,0 +1,187 @@
+"""``DynaIPEngine``: the deployable entry point over any backend.
+
+The engine IS the reference sampling driver (:class:`~dynaip_trt.pipeline.DynaIPPipeline`: request validation,
+schedule, noise, reference cache) with backend stages plugged in, plus a lock so one engine can be shared by
+threads, and the device/stream scope GPU backends need around every call.
+
+    engine = DynaIPEngine.from_dir("build/tiny", backend="onnxruntime")
+    images = engine.generate("a photo of the two subjects on a beach", references=["a.png", "b.png"], seed=1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import torch
+from PIL import Image
+
+from dynaip_trt.configs import DynaIPConfig, get_config
+from dynaip_trt.errors import BackendUnavailableError, ConfigError
+from dynaip_trt.images import ImageLike
+from dynaip_trt.manifest import Manifest
+from dynaip_trt.models import DynaIPModels, build_models
+from dynaip_trt.pipeline import DynaIPPipeline, ReferenceKV, Stages
+from dynaip_trt.request import TextBranchSchedule, check_backend
+from dynaip_trt.text import ByteTokenizer, HFTokenizer
+from dynaip_trt.weights import load_models
+
+from .exported import build_tokenizers
+from .torch_backend import TorchGraphStages, place_models
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+F = TypeVar("F", bound=Callable)
+
+
+def _locked(method: F) -> F:
+    """Serialise ``method`` on the engine's lock and run it in the backend's device/stream scope."""
+
+    @functools.wraps(method)
+    def wrapper(self: "DynaIPEngine", *args, **kwargs):
+        with self._lock, self._scope():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _cuda_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {device} requested but CUDA is not available (no GPU, or a CPU "
+                                      f"build of torch)")
+    return device
+
+
+class DynaIPEngine(DynaIPPipeline):
+    """DynaIP generation on the ``torch``, ``onnxruntime`` or ``tensorrt`` backend; safe to share across threads.
+
+    Build one with :meth:`from_dir` (a build directory of ``export.onnx`` / ``export.build``), :meth:`from_config`
+    (seeded reference models, e.g. the embedded ``tiny`` default) or :meth:`from_weights` (local checkpoints).
+    Calls are serialised by a re-entrant lock: concurrent callers wait, and get the results sequential calls give.
+    """
+
+    def __init__(self, config: DynaIPConfig, stages: Stages, clip_tokenizer: ByteTokenizer | HFTokenizer,
+                 t5_tokenizer: ByteTokenizer | HFTokenizer, backend: str, cache_size: int = 32):
+        super().__init__(config, stages, clip_tokenizer, t5_tokenizer, cache_size)
+        self.backend = backend
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_dir(cls, path: str | Path, backend: str = "tensorrt", device: str | torch.device | None = None,
+                 precision: str = "fp32", providers: Sequence[str] | None = None, cuda_graphs: bool = True
+                 ) -> "DynaIPEngine":
+        """Load a build directory (``manifest.json`` + the files it lists; hashes verified before loading).
+
+        Args:
+            backend: ``"tensorrt"`` (the engines of ``export.build``) or ``"onnxruntime"`` (the ONNX graphs).
+                ``"torch"`` needs weights, not a build directory: use :meth:`from_config` / :meth:`from_weights`.
+            device: TensorRT: the CUDA device (default the current one). ONNX Runtime: ``"cpu"`` or ``"cuda"``
+                picks the execution provider (default: CUDA when onnxruntime-gpu sees a GPU, else CPU).
+            precision: ONNX Runtime: ``"fp32"`` or a variant the manifest lists (``"fp16"``).
+            providers: ONNX Runtime execution providers, overriding ``device``.
+            cuda_graphs: TensorRT: replay the DiT step from a CUDA graph per bucket.
+        """
+        check_backend(backend, BACKENDS)
+        if backend == "torch":
+            raise ConfigError("backend 'torch' runs PyTorch weights, not a build directory: use "
+                              "DynaIPEngine.from_config(name) or DynaIPEngine.from_weights(base, clip, adapter)")
+        manifest = Manifest.load(path)
+        if backend == "onnxruntime":
+            from .ort_backend import OrtStages
+
+            if providers is None and device is not None:
+                dev = torch.device(device)
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if dev.type == "cuda" else [
+                    "CPUExecutionProvider"]
+            stages: Stages = OrtStages(path, manifest, providers=providers, precision=precision)
+        else:
+            from .trt_backend import TrtStages
+
+            if precision != "fp32":
+                raise ConfigError("the precision of TensorRT engines is fixed when they are built (export.build); "
+                                  "precision= applies to the onnxruntime backend")
+            stages = TrtStages(path, manifest, device=device or "cuda", cuda_graphs=cuda_graphs)
+        clip_tok, t5_tok = build_tokenizers(path)
+        return cls(manifest.dynaip_config, stages, clip_tok, t5_tok, backend)
+
+    @classmethod
+    def from_models(cls, models: DynaIPModels, cuda_graphs: bool = True) -> "DynaIPEngine":
+        """Torch backend over an in-memory model family (on its current device)."""
+        stages = TorchGraphStages(models, cuda_graphs=cuda_graphs)
+        return cls(models.config, stages, models.clip_tokenizer, models.t5_tokenizer, "torch")
+
+    @classmethod
+    def from_config(cls, name: str = "tiny", seed: int = 0, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, cuda_graphs: bool = True) -> "DynaIPEngine":
+        """Torch backend over seeded reference models of a named config (``tiny`` is the embedded default).
+
+        On a CUDA ``device`` the DiT step is replayed from a CUDA graph per bucket unless ``cuda_graphs=False``.
+        """
+        device = _cuda_device(device)
+        models = place_models(build_models(get_config(name), seed=seed), device, dtype)
+        return cls.from_models(models, cuda_graphs=cuda_graphs)
+
+    @classmethod
+    def from_weights(cls, base_dir: str | Path, clip_dir: str | Path, adapter_path: str | Path | None = None,
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     cuda_graphs: bool = True) -> "DynaIPEngine":
+        """Torch backend over local checkpoints (see :func:`dynaip_trt.weights.load_models`)."""
+        device = _cuda_device(device)
+        models = place_models(load_models(base_dir, clip_dir, adapter_path), device, dtype)
+        return cls.from_models(models, cuda_graphs=cuda_graphs)
+
+    # ------------------------------------------------------------------------------------------------- calls
+    def _scope(self) -> contextlib.AbstractContextManager:
+        """GPU backends: the stages' device, and their stream if they own one (so the driver's tensor ops and the
+        backend's kernels share one stream). CPU: nothing."""
+        device = self.stages.device
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(device))
+        stream = getattr(self.stages, "stream", None)
+        if stream is not None:
+            stack.enter_context(torch.cuda.stream(stream))
+        return stack
+
+    __call__ = _locked(DynaIPPipeline.__call__)
+    encode_references = _locked(DynaIPPipeline.encode_references)
+    encode_prompt = _locked(DynaIPPipeline.encode_prompt)
+    denoise = _locked(DynaIPPipeline.denoise)
+    decode = _locked(DynaIPPipeline.decode)
+
+    def clear_reference_cache(self) -> None:
+        """Forget every cached reference encoding (the next request runs CLIP and the fusion module again)."""
+        with self._lock:
+            self._cache.clear()
+
+    def generate(self, prompt: str | Sequence[str],
+                 references: Sequence[ImageLike | Sequence[ImageLike]] | ReferenceKV,
+                 scales: float | Sequence[float] = 1.0, granularity=None, masks=None, steps: int | None = None,
+                 guidance: float | None = None, height: int | None = None, width: int | None = None,
+                 seed: int | None = None, text_branch: TextBranchSchedule | None = None,
+                 output_type: str = "pil", progress: bool = False) -> list[Image.Image] | torch.Tensor:
+        """Generate one image per prompt showing the reference subjects.
+
+        Args:
+            prompt: a prompt or a list of prompts (batch ``B``).
+            references: one image (path or PIL) or a list of views per subject, or a :class:`ReferenceKV` from
+                :meth:`encode_references` (encode once, reuse across prompts).
+            scales: one scale for all subjects or one per subject, in [0, 10].
+            granularity: CLIP level weights (``L`` values, or ``[S][L]``); ``None`` lets the router decide.
+            masks: per-subject regions (``(H, W)`` pixels or ``(H/16, W/16)`` tokens, values in [0, 1]).
+            steps, guidance, height, width, seed: sampling settings (defaults from the config).
+            text_branch: DDS schedule keeping the text-branch injection for the first steps (torch backend only).
+            output_type: ``"pil"`` for images, ``"latent"`` for the final packed latents ``[B, N, 64]``.
+            progress: show a tqdm bar over the denoising steps.
+        """
+        return self(prompt, references, scales=scales, granularity=granularity, masks=masks, steps=steps,
+                    guidance=guidance, height=height, width=width, seed=seed, text_branch=text_branch,
+                    output_type=output_type, progress=progress)
