@@ -21,7 +21,7 @@ class ImageError(InputError):
 
 
 class SubjectLimitError(InputError):
-    """A request has more subjects than the engine's optimization profile (or the config) allows."""
+    """A request has no subject, or more subjects than the engine's optimization profile (or the config) allows."""
 
 
 class ConfigError(DynaIPError, ValueError):

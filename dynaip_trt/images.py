@@ -21,23 +21,32 @@ def load_image(image: ImageLike, field: str = "reference") -> Image.Image:
     """Open and fully decode an image (path or PIL), check its size, and return it as 8-bit RGB.
 
     Greyscale and 16-bit images are converted, RGBA/LA/P with transparency are composited on white.
-    Raises :class:`ImageError` naming ``field`` for missing, truncated, non-image, tiny or huge inputs.
+    Raises :class:`ImageError` naming ``field`` for missing, truncated, non-image, tiny or huge inputs, float
+    images with NaN/Inf, and modes that cannot be converted to RGB.
     """
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise ImageError(f"{field}: image file {path} does not exist")
+            raise ImageError(f"{field}: image file {path} does not exist or is not a file")
         try:
             with Image.open(path) as im:
                 _check_size(im.size, field)
                 im.load()
                 image = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{field}: {path} is too large; at most {MAX_IMAGE_PIXELS} pixels are accepted ({e})"
+                             ) from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ImageError(f"{field}: {path} is not a readable image ({e})") from e
-    elif not isinstance(image, Image.Image):
+    elif isinstance(image, Image.Image):
+        _check_size(image.size, field)
+        try:
+            image.load()  # a lazily opened PIL image decodes here: a truncated file fails now, not in the models
+        except (OSError, SyntaxError) as e:
+            raise ImageError(f"{field}: the image cannot be decoded ({e})") from e
+    else:
         raise ImageError(f"{field}: expected a PIL image or a path, got {type(image).__name__}")
-    _check_size(image.size, field)
-    return to_rgb(image)
+    return to_rgb(image, field)
 
 
 def _check_size(size: tuple[int, int], field: str) -> None:
@@ -48,8 +57,12 @@ def _check_size(size: tuple[int, int], field: str) -> None:
         raise ImageError(f"{field}: image is {w}x{h}; at most {MAX_IMAGE_PIXELS} pixels are accepted")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit greyscale rescaled, alpha composited on white)."""
+def to_rgb(image: Image.Image, field: str = "reference") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (16-bit greyscale rescaled, alpha composited on white).
+
+    Float (``F``) images are read as 0..255 and must be finite; :class:`ImageError` names ``field`` otherwise, and
+    for modes PIL cannot convert to RGB.
+    """
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -60,13 +73,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         arr = np.asarray(image, dtype=np.float64)
         if not np.isfinite(arr).all():
-            raise ImageError("reference: float image contains NaN or Inf")
+            raise ImageError(f"{field}: float image contains NaN or Inf; pixel values must be finite (0..255)")
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"{field}: image mode {image.mode!r} cannot be converted to RGB ({e}); use an RGB, RGBA, "
+                         f"L, LA, P, I;16 or F image") from e
 
 
 def preprocess_clip(images: list[Image.Image], cfg: VisionConfig) -> np.ndarray:

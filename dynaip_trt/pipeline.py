@@ -13,18 +13,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import ReferenceInputs
 from .configs import DynaIPConfig, get_config
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .images import ImageLike, image_hash, latents_to_pil, preprocess_clip
 from .models import DynaIPModels, build_models, clip_levels, decode_latents, encode_text
 from .request import (
     TextBranchSchedule,
+    check_seed,
+    check_subject_count,
     normalize_granularity,
     normalize_masks,
     normalize_references,
@@ -33,7 +34,7 @@ from .request import (
 )
 from .sampling import euler_step, flux_sigmas, image_token_count, initial_noise, latent_image_ids, text_ids, \
     unpack_latents
-from .text import ByteTokenizer, HFTokenizer, validate_prompt
+from .text import ByteTokenizer, HFTokenizer, normalize_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class DynaIPPipeline:
         config: the model config (sizes, defaults).
         stages: the backend (PyTorch reference here; ONNX Runtime / TensorRT in :mod:`runtime`).
         clip_tokenizer, t5_tokenizer: tokenizers of the two text encoders.
-        cache_size: reference encodings kept, keyed by image content hash and level weights.
+        cache_size: reference encodings kept (an int >= 0; 0 disables the cache), keyed by image content hash,
+            level weights and whether the text branch was encoded.
     """
 
     def __init__(self, config: DynaIPConfig, stages: Stages, clip_tokenizer: ByteTokenizer | HFTokenizer,
@@ -152,6 +154,8 @@ class DynaIPPipeline:
         self.stages = stages
         self.clip_tokenizer = clip_tokenizer
         self.t5_tokenizer = t5_tokenizer
+        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
+            raise ConfigError(f"cache_size={cache_size!r} must be an int >= 0")
         self._cache: OrderedDict[str, ReferenceKV] = OrderedDict()
         self.cache_size = cache_size
 
@@ -165,13 +169,12 @@ class DynaIPPipeline:
         return cls.from_models(build_models(get_config(name), seed=seed))
 
     # ----------------------------------------------------------------------------------------------- stages
-    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (T5 sequence ``[B, L, t5_dim]``, CLIP pooled ``[B, clip_dim]``)."""
         t = self.config.text
-        for p in prompts:
-            validate_prompt(p, self.t5_tokenizer, t.max_text_length)
-        clip_ids = torch.from_numpy(self.clip_tokenizer.encode_batch(list(prompts), t.clip_max_length))
-        t5_ids = torch.from_numpy(self.t5_tokenizer.encode_batch(list(prompts), t.max_text_length))
+        prompts = normalize_prompts(prompts, self.t5_tokenizer, t.max_text_length)
+        clip_ids = torch.from_numpy(self.clip_tokenizer.encode_batch(prompts, t.clip_max_length))
+        t5_ids = torch.from_numpy(self.t5_tokenizer.encode_batch(prompts, t.max_text_length))
         return self.stages.encode_text(clip_ids, t5_ids)
 
     def encode_references(self, references: Sequence[ImageLike | Sequence[ImageLike]], granularity=None,
@@ -198,7 +201,7 @@ class DynaIPPipeline:
         ref = ReferenceKV(*(self._stack_subjects([getattr(kv, f) for kv in per_subject])
                             for f in ("img_k", "img_v", "txt_k", "txt_v")))
         self._cache[key] = ref
-        if len(self._cache) > self.cache_size:
+        while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return ref
 
@@ -273,10 +276,10 @@ class DynaIPPipeline:
         if output_type not in ("pil", "latent"):
             raise InputError(f"output_type={output_type!r} must be 'pil' or 'latent'")
         steps, guidance, height, width = request_defaults(self.config, steps, guidance, height, width)
-        seed = self.config.seed if seed is None else seed
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise InputError("prompt: give a string or a non-empty list of strings")
+        seed = check_seed(self.config.seed if seed is None else seed)
+        prompts = normalize_prompts(prompt, self.t5_tokenizer, self.config.text.max_text_length)
+        if text_branch is not None and not isinstance(text_branch, TextBranchSchedule):
+            raise InputError(f"text_branch must be a TextBranchSchedule or None, got {type(text_branch).__name__}")
         use_txt = text_branch is not None and text_branch.steps > 0
         if use_txt and not self.stages.supports_text_branch:
             raise InputError("text_branch schedules need the torch backend (exported engines drop the text branch)")
@@ -285,6 +288,7 @@ class DynaIPPipeline:
                 raise InputError("granularity applies when references are encoded: pass it to encode_references()")
             if use_txt and references.txt_k is None:
                 raise InputError("text_branch needs references encoded with encode_references(text_branch=True)")
+            check_subject_count(references.num_subjects, self.stages.max_subjects)
             ref = references
         else:
             ref = self.encode_references(references, granularity, text_branch=use_txt)

@@ -19,6 +19,8 @@ from .errors import ConfigError, InputError, SubjectLimitError
 from .images import ImageLike, load_image
 
 MAX_SIDE = 4096
+MAX_SCALE = 10.0
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,17 @@ class TextBranchSchedule:
     steps: int = 0
     scale: float = 1.0
     block_scales: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise InputError(f"text_branch.steps={self.steps!r} must be an int >= 0")
+        scale = _as_float_array(self.scale, "text_branch.scale")
+        blocks = _as_float_array(() if self.block_scales is None else self.block_scales, "text_branch.block_scales")
+        values = np.append(blocks, scale)
+        if scale.ndim != 0 or blocks.ndim != 1 or not np.isfinite(values).all() or not (
+                (values >= 0) & (values <= MAX_SCALE)).all():
+            raise InputError(f"text_branch: scale={self.scale!r} and block_scales={self.block_scales!r} must be "
+                             f"finite numbers in [0, {MAX_SCALE:g}] (block_scales: one per double block)")
 
     def active(self, step: int) -> bool:
         return step < self.steps
@@ -55,38 +68,70 @@ def check_size(height: int, width: int, multiple: int) -> None:
 
 
 def check_steps_guidance(steps: int, guidance: float) -> None:
+    """``steps``: int in [1, 1000]; ``guidance``: finite number in [0, 100]."""
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
         raise InputError(f"steps={steps!r} must be an int in [1, 1000]")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0.0 <= guidance <= 100.0:
+    if (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance)
+            or not 0.0 <= guidance <= 100.0):
         raise InputError(f"guidance={guidance!r} must be a finite number in [0, 100]")
+
+
+def check_seed(seed: int) -> int:
+    """The noise seed must be an int in [0, 2**63 - 1]."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed={seed!r} must be an int in [0, 2**63 - 1]")
+    return seed
+
+
+def check_subject_count(num_subjects: int, max_subjects: int) -> None:
+    """A request has 1..``max_subjects`` subjects; :class:`SubjectLimitError` otherwise."""
+    if not 1 <= num_subjects <= max_subjects:
+        raise SubjectLimitError(
+            f"references: {num_subjects} subjects given; this engine allows 1..{max_subjects} subjects "
+            f"(one image or list of images per subject)"
+        )
 
 
 def normalize_references(references: Sequence[ImageLike | Sequence[ImageLike]], max_subjects: int
                          ) -> list[list[Image.Image]]:
-    """``[img | [img, ...] per subject]`` -> ``[[RGB image, ...] per subject]``, validated."""
-    if references is None or isinstance(references, (str, Image.Image)) or len(references) == 0:
-        raise InputError("references must be a non-empty list with one image (or list of images) per subject")
-    if len(references) > max_subjects:
-        raise SubjectLimitError(
-            f"references: {len(references)} subjects given; this engine allows 1..{max_subjects} subjects"
-        )
+    """``[img | [img, ...] per subject]`` -> ``[[RGB image, ...] per subject]``, validated.
+
+    ``references`` must be a list or tuple (a lone image or path is refused: wrap it in a list); a subject given
+    as a list or tuple holds several views, anything else is one image (checked by :func:`load_image`).
+    """
+    if not isinstance(references, (list, tuple)):
+        raise InputError(f"references must be a list with one image (or list of images) per subject, got "
+                         f"{type(references).__name__}")
+    check_subject_count(len(references), max_subjects)
     subjects = []
     for s, ref in enumerate(references):
-        imgs = [ref] if isinstance(ref, (str, Image.Image)) or hasattr(ref, "__fspath__") else list(ref)
+        imgs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
         if not imgs:
             raise InputError(f"references[{s}]: empty list; give at least one image per subject")
         subjects.append([load_image(im, field=f"references[{s}]") for im in imgs])
     return subjects
 
 
+def _as_float_array(value, field: str) -> np.ndarray:
+    """Numbers / nested sequences / arrays -> float64 array; :class:`InputError` naming ``field`` otherwise."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise InputError(f"{field} must be numbers, got {type(value).__name__}")
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{field} must be numbers (a number or a rectangular list/array), got {value!r:.80}") from e
+
+
 def normalize_scales(scales: float | Sequence[float], num_subjects: int) -> torch.Tensor:
     """Scalar or one value per subject -> ``[1, S]`` float32; finite values in [0, 10]."""
-    values = [scales] * num_subjects if isinstance(scales, (int, float)) else list(scales)
-    if len(values) != num_subjects:
-        raise InputError(f"scales has {len(values)} values for {num_subjects} subjects; give one per subject")
-    arr = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(arr).all() or (arr < 0).any() or (arr > 10).any():
-        raise InputError(f"scales={values} must be finite numbers in [0, 10]")
+    arr = _as_float_array(scales, "scales")
+    if arr.ndim == 0:
+        arr = np.full(num_subjects, float(arr))
+    if arr.shape != (num_subjects,):
+        raise InputError(f"scales has shape {arr.shape}; expected one number or {num_subjects} numbers (one per "
+                         f"subject)")
+    if not np.isfinite(arr).all() or (arr < 0).any() or (arr > MAX_SCALE).any():
+        raise InputError(f"scales={arr.tolist()} must be finite numbers in [0, {MAX_SCALE:g}]")
     return torch.tensor(arr, dtype=torch.float32)[None]
 
 
@@ -97,7 +142,7 @@ def normalize_granularity(granularity, num_subjects: int, num_levels: int) -> to
     """
     if granularity is None:
         return None
-    arr = np.asarray(granularity, dtype=np.float64)
+    arr = _as_float_array(granularity, "granularity")
     if arr.ndim == 1:
         arr = np.broadcast_to(arr, (num_subjects, arr.shape[0]))
     if arr.shape != (num_subjects, num_levels):
@@ -106,7 +151,8 @@ def normalize_granularity(granularity, num_subjects: int, num_levels: int) -> to
             f"({num_subjects}, {num_levels}) level weights"
         )
     if not np.isfinite(arr).all() or (arr < 0).any() or (arr.sum(-1) <= 0).any():
-        raise InputError("granularity weights must be finite, >= 0, and not all zero for a subject")
+        raise InputError(f"granularity={arr.tolist()}: level weights must be finite and >= 0, with a positive sum "
+                         f"for every subject")
     return torch.tensor(arr, dtype=torch.float32)[None]
 
 
@@ -115,13 +161,17 @@ def normalize_masks(masks, num_subjects: int, height: int, width: int, vae_facto
     [0, 1] or 0..255 for 8-bit images) -> ``[1, S, N]`` float32 over image tokens (area-averaged), or ``None``."""
     if masks is None:
         return None
+    if not isinstance(masks, (list, tuple, np.ndarray, torch.Tensor)) or getattr(masks, "ndim", 1) == 0:
+        raise InputError(f"masks must be a list with one mask per subject, got {type(masks).__name__}")
     if len(masks) != num_subjects:
         raise InputError(f"masks has {len(masks)} entries for {num_subjects} subjects; give one per subject")
     gh, gw = height // vae_factor // 2, width // vae_factor // 2
     out = []
     for s, m in enumerate(masks):
-        arr = np.asarray(m.convert("L"), dtype=np.float64) / 255.0 if isinstance(m, Image.Image) else np.asarray(
-            m, dtype=np.float64)
+        if isinstance(m, Image.Image):
+            arr = np.asarray(m.convert("L"), dtype=np.float64) / 255.0
+        else:
+            arr = _as_float_array(m.cpu() if isinstance(m, torch.Tensor) else m, f"masks[{s}]")
         if arr.shape == (height, width):
             arr = arr.reshape(gh, height // gh, gw, width // gw).mean(axis=(1, 3))
         elif arr.shape != (gh, gw):
@@ -129,7 +179,8 @@ def normalize_masks(masks, num_subjects: int, height: int, width: int, vae_facto
                 f"masks[{s}] has shape {arr.shape}; expected ({height}, {width}) pixels or ({gh}, {gw}) tokens"
             )
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise InputError(f"masks[{s}] values must be finite and in [0, 1]")
+            raise InputError(f"masks[{s}] values must be finite and in [0, 1] (8-bit PIL masks: 0..255), got "
+                             f"min {arr.min():g}, max {arr.max():g}")
         out.append(arr.reshape(-1))
     return torch.tensor(np.stack(out), dtype=torch.float32)[None]
 

@@ -74,13 +74,29 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
         raise WeightsError(f"cannot load a tokenizer from {folder}: {e}") from e
 
 
-def validate_prompt(prompt: str, tokenizer: ByteTokenizer | HFTokenizer, max_length: int) -> str:
-    """Check a prompt: a non-empty string whose tokens fit ``max_length`` (the engine's text length)."""
+def validate_prompt(prompt: str, tokenizer: ByteTokenizer | HFTokenizer, max_length: int,
+                    field: str = "prompt") -> str:
+    """Check a prompt: a non-empty string of valid Unicode whose tokens fit ``max_length`` (the engine's text
+    length). :class:`InputError` names ``field`` otherwise."""
     if not isinstance(prompt, str):
-        raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
+        raise InputError(f"{field} must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
-        raise InputError("prompt is empty; give at least one non-space character")
+        raise InputError(f"{field} is empty; give at least one non-space character")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{field} is not valid Unicode text ({e.reason} at position {e.start})") from e
     n = tokenizer.count(prompt)
     if n > max_length:
-        raise InputError(f"prompt is {n} tokens long; the text length is {max_length} tokens (shorten the prompt)")
+        raise InputError(f"{field} is {n} tokens long; the text length is {max_length} tokens (shorten the prompt)")
     return prompt
+
+
+def normalize_prompts(prompt: str | list[str] | tuple[str, ...], tokenizer: ByteTokenizer | HFTokenizer,
+                      max_length: int) -> list[str]:
+    """One prompt or a non-empty list/tuple of prompts -> list of prompts, each checked by :func:`validate_prompt`."""
+    if isinstance(prompt, str):
+        return [validate_prompt(prompt, tokenizer, max_length)]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise InputError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.60}")
+    return [validate_prompt(p, tokenizer, max_length, field=f"prompt[{i}]") for i, p in enumerate(prompt)]
