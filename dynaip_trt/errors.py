@@ -7,6 +7,10 @@ handlers keep working. Messages always name the offending field or file and the 
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Callable
+
 
 class DynaIPError(Exception):
     """Base class of every error raised by dynaip-trt."""
@@ -42,3 +46,21 @@ class BackendUnavailableError(DynaIPError, RuntimeError):
 
 class ResourceError(DynaIPError, RuntimeError):
     """Not enough device memory (or another resource) for the requested work."""
+
+
+def cli_main(logger: logging.Logger) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a CLI's ``main(argv) -> exit code``: a :class:`DynaIPError` it raises is logged as one line (the
+    message names the problem) and becomes exit code 2, never a traceback."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except DynaIPError as e:
+                logger.error("%s", e)
+                return 2
+
+        return wrapped
+
+    return decorate

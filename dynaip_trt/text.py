@@ -74,6 +74,16 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
         raise WeightsError(f"cannot load a tokenizer from {folder}: {e}") from e
 
 
+def save_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, folder: str | Path) -> Path:
+    """Write ``tokenizer`` to ``folder`` in the form :func:`load_tokenizer` reads."""
+    folder = Path(folder)
+    if isinstance(tokenizer, ByteTokenizer):
+        tokenizer.save(folder)
+    else:
+        tokenizer.tok.save_pretrained(str(folder))
+    return folder
+
+
 def validate_prompt(prompt: str, tokenizer: ByteTokenizer | HFTokenizer, max_length: int,
                     field: str = "prompt") -> str:
     """Check a prompt: a non-empty string of valid Unicode whose tokens fit ``max_length`` (the engine's text

@@ -21,7 +21,7 @@ from .adapter import DynaIPAdapter
 from .configs import AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig, VaeConfig, VisionConfig
 from .errors import WeightsError
 from .models import DynaIPModels, build_adapter, finalize
-from .text import load_tokenizer
+from .text import load_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds (readers never see
+    a partial file; a failed block leaves the previous file in place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result gets the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -135,12 +139,8 @@ def save_models(models: DynaIPModels, base_dir: str | Path, clip_dir: str | Path
     models.vae.save_pretrained(base_dir / "vae", safe_serialization=True)
     models.clip_text.save_pretrained(base_dir / "text_encoder", safe_serialization=True)
     models.t5.save_pretrained(base_dir / "text_encoder_2", safe_serialization=True)
-    for name, tok in (("tokenizer", models.clip_tokenizer), ("tokenizer_2", models.t5_tokenizer)):
-        target = base_dir / name
-        if hasattr(tok, "save"):
-            tok.save(target)
-        else:
-            tok.tok.save_pretrained(target)
+    save_tokenizer(models.clip_tokenizer, base_dir / "tokenizer")
+    save_tokenizer(models.t5_tokenizer, base_dir / "tokenizer_2")
     (base_dir / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     (base_dir / CONFIG_FILE).write_text(json.dumps(models.config.to_dict(), indent=1))
     models.vision.save_pretrained(clip_dir, safe_serialization=True)

@@ -1,6 +1,6 @@
 """Export every model the runtime needs to ONNX (TensorRT-ready) and write a manifest.
 
-    python -m export.onnx --config tiny --out build/tiny [--fp16] [--models dit,fusion] [--opset 18]
+    python -m export.onnx --config tiny --out build/tiny [--fp16] [--bf16] [--models dit,fusion] [--opset 18]
     python -m export.onnx --base /path/FLUX.1-dev --clip /path/clip-vit-large-patch14 --adapter dynaip.safetensors \\
         --out build/flux-dev          # full depth: run on a big machine (see README), not in CI
 
@@ -27,9 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dynaip_trt.configs import DynaIPConfig, get_config
-from dynaip_trt.errors import ConfigError, DynaIPError
+from dynaip_trt.errors import ConfigError, DynaIPError, cli_main
 from dynaip_trt.manifest import MANIFEST_FILE, Manifest, ModelEntry, sha256_file
 from dynaip_trt.models import DynaIPModels, build_models
+from dynaip_trt.text import save_tokenizer
 from dynaip_trt.weights import load_models
 
 from .graph import TWO_GIB, GraphReport, check_graph, io_signature, optimize, save_model
@@ -39,7 +40,10 @@ logger = logging.getLogger("export.onnx")
 QUIET_LOGGERS = ("torch.onnx", "torch._export", "onnx_ir", "onnxscript", "polygraphy", "torch.fx")
 
 DEFAULT_OPSET = 18
-FP16_MODELS = ("clip", "fusion", "dit", "vae")  # the text encoders stay fp32/bf16 (T5 overflows in fp16)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANT_PRECISIONS = ("fp16", "bf16")  # exported here; fp8 needs calibration (calibration.quantize)
+FP16_MODELS = tuple(n for n, s in SPECS.items() if "fp16" in s.precisions)  # not text: T5 overflows in fp16
+BF16_MODELS = tuple(n for n, s in SPECS.items() if "bf16" in s.precisions)
 
 
 class GraphCheckError(DynaIPError, RuntimeError):
@@ -47,10 +51,12 @@ class GraphCheckError(DynaIPError, RuntimeError):
 
 
 def export_model(spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET, dtype: torch.dtype = torch.float32,
-                 keep_io_types: bool = True, external_threshold: int = TWO_GIB - 2**28, check: bool = True
-                 ) -> tuple[list[Path], GraphReport]:
+                 keep_io_types: bool = True, external_threshold: int = TWO_GIB - 2**28, check: bool = True,
+                 translation_table: dict | None = None) -> tuple[list[Path], GraphReport]:
     """Export one model to ``path``; returns the files written and the graph report.
 
+    ``translation_table``: ONNX translations of custom torch ops (``torch.onnx.export``'s
+    ``custom_translation_table``), e.g. the FP8 quantize-dequantize op of :mod:`calibration.quantize`.
     Raises :class:`GraphCheckError` if ``check`` and the graph is not TensorRT-ready.
     """
     from .wrappers import CastIO
@@ -74,7 +80,7 @@ def export_model(spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET, dtype:
         program = torch.onnx.export(
             module, tuple(inputs[n] for n in spec.input_names), dynamo=True, dynamic_shapes=dynamic_shapes,
             opset_version=opset, input_names=list(spec.input_names), output_names=list(spec.output_names),
-            optimize=False, verbose=False,
+            optimize=False, verbose=False, custom_translation_table=translation_table,
         )
     model = optimize(program.model_proto)
     model.producer_name = "dynaip-trt"
@@ -95,17 +101,42 @@ def build_family(config: str | DynaIPConfig = "tiny", base: str | Path | None = 
     return build_models(cfg, seed=seed)
 
 
+def variant_file(name: str, precision: str) -> str:
+    """File name of a model's graph: ``dit.onnx`` (fp32 main graph) or ``dit.fp16.onnx`` (a variant)."""
+    return f"{name}.onnx" if precision == "fp32" else f"{name}.{precision}.onnx"
+
+
+def add_variant(entry: ModelEntry, precision: str, files: list[Path]) -> None:
+    """Register exported variant ``files`` (graph first, then its external data) in a manifest entry."""
+    entry.variants[precision] = files[0].name
+    entry.files.update({f.name: sha256_file(f) for f in files})
+
+
+def check_variants(variants: dict[str, tuple[str, ...]], names: tuple[str, ...]) -> None:
+    """Every requested variant must be a precision exported here for a model of ``names`` that allows it."""
+    for precision, models in variants.items():
+        if precision not in VARIANT_PRECISIONS:
+            hint = " (fp8 needs calibration: python -m calibration.quantize)" if precision == "fp8" else ""
+            raise ConfigError(f"variant precision {precision!r} cannot be exported here; choose from "
+                              f"{list(VARIANT_PRECISIONS)}{hint}")
+        possible = [n for n in names if precision in SPECS[n].precisions]
+        bad = [n for n in models if n not in possible]
+        if bad:
+            raise ConfigError(f"{precision} variants requested for {bad}; possible: {possible}")
+
+
 def export_all(out_dir: str | Path, config: str | DynaIPConfig = "tiny", models: DynaIPModels | None = None,
-               names: tuple[str, ...] = tuple(SPECS), opset: int = DEFAULT_OPSET, fp16: tuple[str, ...] = (),
-               keep_io_types: bool = True, envelope: Envelope | None = None,
-               external_threshold: int = TWO_GIB - 2**28, progress: bool = True) -> Manifest:
-    """Export ``names`` (plus FP16 variants of the models in ``fp16``) to ``out_dir`` and write ``manifest.json``.
+               names: tuple[str, ...] = tuple(SPECS), opset: int = DEFAULT_OPSET,
+               variants: dict[str, tuple[str, ...]] | None = None, keep_io_types: bool = True,
+               envelope: Envelope | None = None, external_threshold: int = TWO_GIB - 2**28,
+               progress: bool = True) -> Manifest:
+    """Export ``names`` (plus the reduced-precision ``variants``, ``{"fp16": ("dit", ...), "bf16": (...)}``) to
+    ``out_dir`` and write ``manifest.json``.
 
     Everything is staged in a sibling temp directory and swapped in at the end (atomic for readers).
     """
-    bad = [n for n in fp16 if n not in FP16_MODELS or n not in names]
-    if bad:
-        raise ConfigError(f"fp16 variants requested for {bad}; possible: {[n for n in FP16_MODELS if n in names]}")
+    variants = variants or {}
+    check_variants(variants, names)
     models = models or build_family(config)
     cfg = models.config
     env = envelope or Envelope(subjects=(1, min(2, cfg.max_subjects), cfg.max_subjects),
@@ -116,23 +147,24 @@ def export_all(out_dir: str | Path, config: str | DynaIPConfig = "tiny", models:
     staging.chmod(0o755)
     entries: dict[str, ModelEntry] = {}
     try:
-        jobs = [(n, "fp32") for n in names] + [(n, "fp16") for n in fp16]
+        jobs = [(n, "fp32") for n in names] + [(n, p) for p, ns in variants.items() for n in ns]
         for name, precision in tqdm(jobs, desc="export", disable=not progress):
             spec = get_spec(name, models)
-            fname = f"{name}.onnx" if precision == "fp32" else f"{name}.{precision}.onnx"
+            fname = variant_file(name, precision)
             t0 = time.perf_counter()
-            dtype = torch.float32 if precision == "fp32" else torch.float16
-            files, report = export_model(spec, staging / fname, opset, dtype, keep_io_types, external_threshold)
+            files, report = export_model(spec, staging / fname, opset, TORCH_DTYPES[precision], keep_io_types,
+                                         external_threshold)
             logger.info("%s (%s): %d ops types, exported in %.1fs", name, precision, len(report.ops),
                         time.perf_counter() - t0)
-            hashes = {f.name: sha256_file(f) for f in files}
             if precision == "fp32":
                 inputs, outputs = io_signature(onnx.load(str(staging / fname), load_external_data=False))
-                entries[name] = ModelEntry(onnx=fname, files=hashes, inputs=inputs, outputs=outputs,
-                                           profile=spec.profile(env))
+                entries[name] = ModelEntry(onnx=fname, files={f.name: sha256_file(f) for f in files}, inputs=inputs,
+                                           outputs=outputs, profile=spec.profile(env))
             else:
-                entries[name].variants[precision] = fname
-                entries[name].files.update(hashes)
+                add_variant(entries[name], precision, files)
+        if "text" in names:  # the runtime tokenizes prompts with the exported text encoders' own tokenizers
+            save_tokenizer(models.clip_tokenizer, staging / "tokenizer")
+            save_tokenizer(models.t5_tokenizer, staging / "tokenizer_2")
         manifest = Manifest(config=cfg.to_dict(), models=entries, opset=opset, max_subjects=env.subjects[2])
         manifest.save(staging)
         _swap_in(staging, out_dir)
@@ -196,28 +228,28 @@ def configure_logging(verbose: bool) -> None:
         G_LOGGER.module_severity = G_LOGGER.ERROR
 
 
+@cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
     add_common_args(p)
     p.add_argument("--out", default=None, help="output directory (default build/<config>)")
     p.add_argument("--models", default=",".join(SPECS), help=f"subset of {','.join(SPECS)}")
     p.add_argument("--fp16", action="store_true", help=f"also export FP16 variants of {FP16_MODELS}")
-    p.add_argument("--fp16-io", action="store_true", help="FP16 variants take/return fp16 tensors")
+    p.add_argument("--bf16", action="store_true", help=f"also export BF16 variants of {BF16_MODELS}")
+    p.add_argument("--fp16-io", action="store_true", help="FP16/BF16 variants take/return fp16/bf16 tensors")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
-    try:
-        models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
-        names = tuple(n.strip() for n in args.models.split(",") if n.strip())
-        for n in names:
-            if n not in SPECS:
-                raise ConfigError(f"--models: unknown model {n!r}; choose from {list(SPECS)}")
-        out = args.out or f"build/{models.config.name}"
-        fp16 = tuple(n for n in FP16_MODELS if n in names) if args.fp16 else ()
-        export_all(out, models=models, names=names, opset=args.opset, fp16=fp16,
-                   keep_io_types=not args.fp16_io, envelope=envelope_from_args(args, models.config))
-    except DynaIPError as e:
-        logger.error("%s", e)
-        return 2
+    models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
+    names = tuple(n.strip() for n in args.models.split(",") if n.strip())
+    for n in names:
+        if n not in SPECS:
+            raise ConfigError(f"--models: unknown model {n!r}; choose from {list(SPECS)}")
+    out = args.out or f"build/{models.config.name}"
+    variants = {p: tuple(n for n in allowed if n in names)
+                for p, allowed, wanted in (("fp16", FP16_MODELS, args.fp16), ("bf16", BF16_MODELS, args.bf16))
+                if wanted}
+    export_all(out, models=models, names=names, opset=args.opset, variants=variants,
+               keep_io_types=not args.fp16_io, envelope=envelope_from_args(args, models.config))
     return 0
 
 

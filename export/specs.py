@@ -60,9 +60,17 @@ class ModelSpec:
     name: str = ""
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
 
-    def __init__(self, models: DynaIPModels):
-        self.models = models
-        self.cfg: DynaIPConfig = models.config
+    def __init__(self, models: DynaIPModels | DynaIPConfig):
+        """``models``: the family to export, or only its config for a shape-only spec (profiles, sample inputs;
+        :meth:`module` then raises)."""
+        self._models = models if isinstance(models, DynaIPModels) else None
+        self.cfg: DynaIPConfig = models.config if isinstance(models, DynaIPModels) else models
+
+    @property
+    def models(self) -> DynaIPModels:
+        if self._models is None:
+            raise ConfigError(f"the {self.name} spec was made from a config only: it has shapes, not modules")
+        return self._models
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -125,8 +133,10 @@ class ClipSpec(ModelSpec):
         return {"pixel_values": (batch * subjects * 2, 3, s, s)}
 
     def profile(self, env: Envelope):
-        prof = super().profile(env)
-        prof["pixel_values"]["max"][0] = env.batch[2] * env.subjects[2] * env.views
+        prof = super().profile(env)  # images = every reference image of a call: 1 .. batch * subjects * views
+        shapes = prof["pixel_values"]
+        shapes["min"][0], shapes["opt"][0] = 1, env.batch[1] * env.subjects[1]
+        shapes["max"][0] = env.batch[2] * env.subjects[2] * env.views
         return prof
 
 
@@ -223,7 +233,7 @@ class VaeSpec(ModelSpec):
 SPECS: dict[str, type[ModelSpec]] = {s.name: s for s in (ClipSpec, FusionSpec, TextSpec, DiTSpec, VaeSpec)}
 
 
-def get_spec(name: str, models: DynaIPModels) -> ModelSpec:
+def get_spec(name: str, models: DynaIPModels | DynaIPConfig) -> ModelSpec:
     if name not in SPECS:
         raise ConfigError(f"unknown model {name!r}; exportable models are {sorted(SPECS)}")
     return SPECS[name](models)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image
 
-from dynaip_trt.errors import DynaIPError, InputError
+from dynaip_trt.errors import InputError, cli_main
 from dynaip_trt.weights import atomic_path
 
 from .engine import BACKENDS, DynaIPEngine
@@ -90,29 +89,23 @@ def output_format(path: Path) -> str:
 
 def save_image(image: Image.Image, path: Path, fmt: str) -> None:
     """Write ``image`` atomically (temporary name beside ``path``, then rename)."""
-    umask = os.umask(0)
-    os.umask(umask)
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt)
-        os.chmod(tmp, 0o666 & ~umask)  # the temporary file is private; the image gets the usual permissions
 
 
+@cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        out = Path(args.out)
-        fmt = output_format(out)
-        engine = load_engine(args)
-        refs = [r.split(",") if "," in r else r for r in args.ref]
-        scales = 1.0 if not args.scale else args.scale[0] if len(args.scale) == 1 else args.scale
-        images = engine.generate(args.prompt, refs, scales=scales, granularity=parse_granularity(args.granularity),
-                                 steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                                 seed=args.seed, progress=True)
-        save_image(images[0], out, fmt)
-    except DynaIPError as e:
-        logger.error("%s", e)
-        return 2
+    out = Path(args.out)
+    fmt = output_format(out)
+    engine = load_engine(args)
+    refs = [r.split(",") if "," in r else r for r in args.ref]
+    scales = 1.0 if not args.scale else args.scale[0] if len(args.scale) == 1 else args.scale
+    images = engine.generate(args.prompt, refs, scales=scales, granularity=parse_granularity(args.granularity),
+                             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                             seed=args.seed, progress=True)
+    save_image(images[0], out, fmt)
     logger.info("wrote %s (%s backend)", out, engine.backend)
     return 0
 

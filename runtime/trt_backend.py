@@ -75,6 +75,25 @@ def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu
                        "but rebuilding on this GPU may be faster", directory, section["gpu"], gpu_name)
 
 
+def check_engine_sources(manifest: Manifest, directory: str | Path) -> None:
+    """Every engine must have been built from the graph the manifest lists now: the ``tensorrt.engines`` plan of
+    each model records its source ONNX and hash (``export.build``). A graph re-exported or re-quantized after the
+    build makes the engine stale: :class:`ManifestError` naming the model and what to rebuild."""
+    plans = (manifest.tensorrt or {}).get("engines", {})
+    for name, entry in manifest.models.items():
+        if not entry.engine:
+            continue
+        plan = plans.get(name)
+        if plan is None or "onnx" not in plan or "onnx_sha256" not in plan:
+            raise ManifestError(f"{directory}: the manifest does not say which graph the {name} engine was built "
+                                f"from; rebuild the engines (python -m export.build)")
+        current = entry.files.get(plan["onnx"])
+        if current != plan["onnx_sha256"]:
+            state = "is no longer in the build" if current is None else "changed since"
+            raise ManifestError(f"{directory}: the {name} engine is stale: its source graph {plan['onnx']} {state} "
+                                f"the engine was built; rebuild the engines (python -m export.build)")
+
+
 def check_profile(model: str, profile: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[int, ...]]) -> None:
     """Every input shape must lie within the engine's profile (min..max per axis); otherwise :class:`InputError`
     naming the model, the input, its shape and the allowed range."""
@@ -233,6 +252,7 @@ class TrtStages(ExportedStages):
         require_models(self.manifest, directory)
         check_tensorrt_section(self.manifest.tensorrt, trt.__version__, torch.cuda.get_device_name(self.device),
                                torch.cuda.get_device_capability(self.device), directory)
+        check_engine_sources(self.manifest, directory)
         for name in MODEL_IO:
             entry = self.manifest.models[name]
             if not entry.engine:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dynaip_trt.configs import get_config
@@ -38,12 +41,41 @@ def make_images():
 
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory, tiny_models):
-    """One ONNX export of the tiny family (all models fp32 + an fp16 DiT), shared by every test that needs it.
+    """One ONNX export of the tiny family (all models fp32 + the fp16 variants an fp16 engine build needs), shared
+    by every test that needs it.
 
     Read-only for tests: copy it before modifying files.
     """
-    from export.onnx import export_all
+    from export.onnx import FP16_MODELS, export_all
 
     out = tmp_path_factory.mktemp("build") / "tiny"
-    export_all(out, models=tiny_models, fp16=("dit",), progress=False)
+    export_all(out, models=tiny_models, variants={"fp16": FP16_MODELS}, progress=False)
     return out
+
+
+@contextlib.contextmanager
+def captured_logs(name: str) -> Iterator[list[str]]:
+    """Messages logged to ``name`` (and its children) inside the block; usable in module-scoped fixtures, which
+    cannot use pytest's function-scoped ``caplog``."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[Path]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(old)

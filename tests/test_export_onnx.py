@@ -19,8 +19,8 @@ import torch
 from dynaip_trt.errors import ConfigError, ManifestError
 from dynaip_trt.manifest import MODEL_IO, Manifest
 from dynaip_trt.metrics import max_abs, rel_l2
-from export.graph import check_graph, save_model, tensorrt_supported_ops
-from export.onnx import export_all, main
+from export.graph import check_graph, tensorrt_supported_ops
+from export.onnx import main
 from export.specs import SPECS, Envelope, get_spec
 
 # Parity tolerances vs PyTorch fp32 (ONNX Runtime CPU).
@@ -47,7 +47,10 @@ def test_manifest_lists_every_model_with_hashes_and_signature(tiny_build, tiny_m
     for name, entry in m.models.items():
         assert tuple(entry.inputs) == MODEL_IO[name][0] and tuple(entry.outputs) == MODEL_IO[name][1]
         assert all(len(h) == 64 for h in entry.files.values())
-    assert m.models["dit"].variants == {"fp16": "dit.fp16.onnx"}
+    assert {n: e.variants for n, e in m.models.items()} == {
+        "clip": {"fp16": "clip.fp16.onnx"}, "fusion": {"fp16": "fusion.fp16.onnx"}, "text": {},
+        "dit": {"fp16": "dit.fp16.onnx"}, "vae": {"fp16": "vae.fp16.onnx"}}
+    assert (tiny_build / "tokenizer").is_dir() and (tiny_build / "tokenizer_2").is_dir()
     assert not [p for p in tiny_build.parent.iterdir() if p.name.startswith(".")], "staging dirs left behind"
 
 
@@ -177,7 +180,10 @@ def test_tampered_and_truncated_files_are_detected(tiny_build, tmp_path):
 def test_interrupted_export_keeps_previous_build(tiny_build, tmp_path):
     build = tmp_path / "b"
     shutil.copytree(tiny_build, build)
-    before = {p.name: p.read_bytes() for p in build.iterdir()}
+    def contents() -> dict[str, bytes]:
+        return {str(p.relative_to(build)): p.read_bytes() for p in build.rglob("*") if p.is_file()}
+
+    before = contents()
     proc = subprocess.Popen([sys.executable, "-m", "export.onnx", "--config", "tiny", "--out", str(build)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -189,5 +195,5 @@ def test_interrupted_export_keeps_previous_build(tiny_build, tmp_path):
     assert staged, "export never reached the staging step"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert {p.name: p.read_bytes() for p in build.iterdir()} == before, "previous build was modified"
+    assert contents() == before, "previous build was modified"
     Manifest.load(build).verify(build)

@@ -1,0 +1,168 @@
+"""Build TensorRT engines: export and check ONNX, calibrate FP8 if asked, then build one engine per model.
+
+    python -m export.build --precision fp16                       # the embedded tiny default -> build/tiny
+    python -m export.build --precision fp8 --config flux-dev --resolutions 1024x1024,768x1344 --max-subjects 4
+    python -m export.build --precision bf16 --base /models/FLUX.1-dev --clip /models/clip-vit-large-patch14 \\
+        --weights dynaip.safetensors --out build/flux-dev
+
+Steps: (1) ``export.onnx`` with the graphs the precision needs (fp16/bf16 variants; see :mod:`export.engines`),
+graph checks included; (2) fp8 only: calibration data (``calibration.collect``, reused when ``--calib`` already
+holds it for these weights), ModelOpt/max calibration, the Q/DQ DiT graph and its quality cost against fp16 and
+fp32 (``fp8_quality.json``); (3) the engine plan (``engine_plan.json``: profiles, flags, source hashes); (4) the
+engines, staged and moved into place together, then the manifest's ``tensorrt`` section.
+
+Exit codes: 0 built; 2 bad arguments or inputs (unknown precision, missing weights...); 3 ONNX exported and
+checked but TensorRT's builder or a GPU is missing (the message says what to install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
+from dynaip_trt.manifest import Manifest
+from dynaip_trt.models import DynaIPModels
+from dynaip_trt.weights import atomic_path
+
+from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, plan_engines, record_engines,
+                      required_variants, system_section)
+from .onnx import add_common_args, build_family, configure_logging, envelope_from_args, export_all
+from .specs import Envelope
+
+logger = logging.getLogger("export.build")
+
+PLAN_FILE = "engine_plan.json"
+FP8_QUALITY_FILE = "fp8_quality.json"
+EXIT_NEEDS_TENSORRT = 3
+
+
+def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: int, progress: bool = True) -> dict:
+    """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add ``dit.fp8.onnx`` to the
+    build and write its quality report; returns the report (see :func:`calibration.quantize.quality_report`)."""
+    from calibration.collect import collect
+    from calibration.quantize import (calibrate_modelopt, export_fp8_variant, format_report, modelopt_available,
+                                      quality_report, quantize_transformer)
+    from calibration.store import AmaxTable, load_records
+
+    try:
+        table = AmaxTable.load(calib_dir, models.config)
+        quantize_transformer(models.transformer, table)  # raises if the table was made for other weights
+        records = load_records(calib_dir)
+        logger.info("reusing the calibration data in %s (%d records)", calib_dir, len(records))
+    except ConfigError as e:
+        logger.info("collecting calibration data in %s (%s)", calib_dir, e)
+        table = collect(models, calib_dir, samples=samples, progress=progress)
+        records = load_records(calib_dir)
+    if modelopt_available():
+        table = calibrate_modelopt(models, records, table.samples)
+        table.save(calib_dir)
+    else:
+        logger.info("NVIDIA ModelOpt is not installed: using the max calibration of calibration.collect")
+    export_fp8_variant(out_dir, models, table)
+    report = quality_report(models, table, records, precisions=("fp16", "fp8"))
+    logger.info("FP8 quality vs the fp32 DiT on held-out requests (%s amax):\n%s", table.source,
+                format_report(report))
+    with atomic_path(out_dir / FP8_QUALITY_FILE) as tmp:
+        tmp.write_text(json.dumps({"config": models.config.name, "amax_source": table.source, "rows": report},
+                                  indent=1))
+    return report
+
+
+def write_plan(out_dir: Path, plans: list[EnginePlan], precision: str) -> Path:
+    """``engine_plan.json``: the builder configuration of every engine (what a build will do, inspectable)."""
+    path = out_dir / PLAN_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"precision": precision, "engines": [p.to_dict() for p in plans]}, indent=1))
+    return path
+
+
+def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbose: bool = False,
+                  progress: bool = True) -> Manifest:
+    """Build every planned engine into a staging folder, move them into ``out_dir`` together and record them in
+    the manifest. Raises :class:`BackendUnavailableError` without TensorRT's builder or a GPU."""
+    builder = EngineBuilder(out_dir, verbose=verbose)
+    manifest = Manifest.load(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=out_dir))
+    try:
+        built = [builder.build(p, staging) for p in tqdm(plans, desc=f"build {precision}", disable=not progress)]
+        for path in built:
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record_engines(manifest, out_dir, plans, system_section(builder.trt), precision)
+
+
+def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelope: Envelope, calib_dir: str | Path,
+        opset: int, skip_export: bool = False, plan_only: bool = False, optimization_level: int = 3,
+        workspace_bytes: int | None = None, calib_samples: int = 8, verbose: bool = False,
+        progress: bool = True) -> list[EnginePlan]:
+    """The whole build (see the module docstring); returns the engine plans. ``models`` may be ``None`` only with
+    ``skip_export`` for fp16/bf16 (nothing to export or calibrate). Raises :class:`BackendUnavailableError` after
+    the ONNX step when engines cannot be built here."""
+    if precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from {list(ENGINE_PRECISIONS)}")
+    out_dir = Path(out_dir)
+    if models is None and (precision == "fp8" or not skip_export):
+        raise ConfigError("exporting and FP8 calibration need the model family (models=None is only for "
+                          "fp16/bf16 builds with skip_export)")
+    if skip_export:
+        Manifest.load(out_dir).verify(out_dir)
+    else:
+        export_all(out_dir, models=models, opset=opset, variants=required_variants(precision), envelope=envelope,
+                   progress=progress)
+    if precision == "fp8":
+        prepare_fp8(models, out_dir, Path(calib_dir), calib_samples, progress)
+    manifest = Manifest.load(out_dir)
+    plans = plan_engines(manifest, out_dir, precision, envelope, optimization_level=optimization_level,
+                         workspace_bytes=workspace_bytes)
+    path = write_plan(out_dir, plans, precision)
+    logger.info("ONNX graphs exported and checked; engine plan in %s", path)
+    if not plan_only:
+        build_engines(out_dir, plans, precision, verbose, progress)
+        logger.info("%s engines for %s written to %s", precision, [p.model for p in plans], out_dir)
+    return plans
+
+
+@cli_main(logger)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--precision", required=True, help=f"engine precision: {', '.join(ENGINE_PRECISIONS)}")
+    p.add_argument("--out", default=None, help="build directory (default build/<config>)")
+    p.add_argument("--calib", default=None, help="FP8 calibration directory (default calib/<config>)")
+    p.add_argument("--calib-samples", type=int, default=8, help="FP8 calibration requests when collecting")
+    p.add_argument("--skip-export", action="store_true", help="build from the ONNX already in --out")
+    p.add_argument("--plan-only", action="store_true", help="export and write engine_plan.json; build nothing")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
+    p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: no limit)")
+    args = p.parse_args(argv)
+    configure_logging(args.verbose)
+    if args.precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"--precision {args.precision!r} is unknown; choose from {list(ENGINE_PRECISIONS)}")
+    if args.calib_samples < 1:
+        raise ConfigError("--calib-samples must be >= 1")
+    models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
+    name = models.config.name
+    try:
+        run(models, args.out or f"build/{name}", args.precision, envelope_from_args(args, models.config),
+            args.calib or f"calib/{name}", args.opset, args.skip_export, args.plan_only, args.opt_level,
+            int(args.workspace_gib * 2**30) if args.workspace_gib else None, args.calib_samples, args.verbose)
+    except BackendUnavailableError as e:
+        logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "
+                     "Copy the build directory to a GPU machine with TensorRT and run this command with "
+                     "--skip-export there.", e)
+        return EXIT_NEEDS_TENSORRT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""TensorRT engine builds: the builder configuration as plain data, and the (lazily imported) builder.
+
+Every engine is built from a **strongly typed** network: the ONNX graph's tensor types are the engine's types
+(TensorRT 10.12 deprecated weak typing and TensorRT 11 removed the FP16/BF16/FP8 builder flags). So the precision
+of an engine is chosen by the graph it is built from, and ONNX Runtime on that same graph is an exact oracle for
+parity (``python -m export.parity``):
+
+    precision   clip, fusion, vae      text (CLIP-L + T5)        dit
+    fp16        <name>.fp16.onnx       text.onnx (T5 overflows   dit.fp16.onnx
+                                       in fp16: fp32, TF32)
+    bf16        <name>.bf16.onnx       text.bf16.onnx            dit.bf16.onnx
+    fp8         <name>.fp16.onnx       text.onnx                 dit.fp8.onnx (FP8 Q/DQ linear layers on fp16)
+
+One optimization profile per engine spans the envelope: batch 1..max, subjects 1..max (opt 2), every requested
+resolution (opt: the first). A timing cache (``timing.cache`` in the build directory) is loaded before and saved
+after every build, so rebuilding after a re-export (or another precision) reuses measured tactics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dynaip_trt.configs import DynaIPConfig
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
+from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join, sha256_file
+from dynaip_trt.weights import atomic_path
+
+from .specs import SPECS, Envelope, get_spec
+
+logger = logging.getLogger("export.engines")
+
+ENGINE_PRECISIONS = ("fp16", "bf16", "fp8")
+TIMING_CACHE = "timing.cache"
+TENSORRT_INSTALL = ("pip install -e .[tensorrt] on a machine with an NVIDIA GPU and driver "
+                    "(TensorRT >= 10.0 wheels from pypi.nvidia.com)")
+
+
+class EngineBuildError(DynaIPError, RuntimeError):
+    """TensorRT could not parse a graph or build an engine."""
+
+
+def graph_precision(model: str, precision: str) -> str:
+    """Precision of the ONNX graph ``model``'s engine is built from for an engine build in ``precision``
+    (see the module docstring): fp8 quantizes only the DiT and builds the rest like fp16; a model that does not
+    allow the precision (the text encoders in fp16) keeps its fp32 graph."""
+    if precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from {list(ENGINE_PRECISIONS)}")
+    allowed = SPECS[model].precisions
+    if precision == "fp8":
+        return "fp8" if "fp8" in allowed else graph_precision(model, "fp16")
+    return precision if precision in allowed else "fp32"
+
+
+def required_variants(precision: str, names: tuple[str, ...] = tuple(MODEL_IO)) -> dict[str, tuple[str, ...]]:
+    """The fp16/bf16 ONNX variants (``export_all(variants=...)``) an engine build in ``precision`` needs
+    (the fp8 DiT graph comes from calibration, not from the plain export)."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        g = graph_precision(name, precision)
+        if g in ("fp16", "bf16"):
+            out.setdefault(g, []).append(name)
+    return {p: tuple(ns) for p, ns in out.items()}
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """The complete builder configuration of one engine (plain data: tested without TensorRT, stored in the
+    manifest next to the engine).
+
+    Attributes:
+        model: name in :data:`MODEL_IO`; onnx: source graph in the build directory; onnx_sha256: its hash.
+        precision: engine precision label (``fp32`` for graphs kept in fp32); engine: output file name.
+        strongly_typed: network created with ``STRONGLY_TYPED`` (types from the graph).
+        flags: ``trt.BuilderFlag`` names to set (``TF32`` lets fp32 matmuls use TF32 tensor cores).
+        profile: ``{input: {"min": shape, "opt": shape, "max": shape}}``; one optimization profile.
+        optimization_level: ``builder_optimization_level`` (0-5; 3 is TensorRT's default).
+        workspace_bytes: workspace memory pool limit (``None``: TensorRT's default, all device memory).
+    """
+
+    model: str
+    onnx: str
+    onnx_sha256: str
+    precision: str
+    engine: str
+    strongly_typed: bool
+    flags: tuple[str, ...]
+    profile: dict[str, dict[str, list[int]]]
+    optimization_level: int = 3
+    workspace_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["flags"] = list(self.flags)
+        return d
+
+
+def plan_engines(manifest: Manifest, directory: str | Path, precision: str, envelope: Envelope | None = None,
+                 names: tuple[str, ...] = tuple(MODEL_IO), optimization_level: int = 3,
+                 workspace_bytes: int | None = None) -> list[EnginePlan]:
+    """One :class:`EnginePlan` per model of ``names`` for an engine build in ``precision``.
+
+    Profiles come from ``envelope`` (default: the profiles recorded at export). Raises :class:`ConfigError` when a
+    graph the plan needs is missing from the build (re-export with the variant, or calibrate for fp8).
+    """
+    cfg = DynaIPConfig.from_dict(manifest.config)
+    if not 0 <= optimization_level <= 5:
+        raise ConfigError(f"optimization level {optimization_level} is outside TensorRT's range 0..5")
+    if envelope is not None and envelope.subjects[2] > cfg.max_subjects:
+        raise ConfigError(f"--max-subjects {envelope.subjects[2]} exceeds the config's maximum {cfg.max_subjects}")
+    plans = []
+    for name in names:
+        if name not in manifest.models:
+            raise ConfigError(f"{directory} has no {name} graph; export it first (python -m export.onnx)")
+        entry = manifest.models[name]
+        g = graph_precision(name, precision)
+        if g == entry.precision:
+            onnx_file = entry.onnx
+        elif g in entry.variants:
+            onnx_file = entry.variants[g]
+        else:
+            how = "python -m calibration.quantize --export" if g == "fp8" else f"python -m export.onnx --{g}"
+            raise ConfigError(f"{directory} has no {g} graph of {name}, needed for a {precision} engine ({how})")
+        profile = get_spec(name, cfg).profile(envelope) if envelope is not None else entry.profile
+        plans.append(EnginePlan(
+            model=name, onnx=onnx_file, onnx_sha256=entry.files[onnx_file], precision=g,
+            engine=f"{name}.{precision}.engine", strongly_typed=True, flags=("TF32",) if g == "fp32" else (),
+            profile=profile, optimization_level=optimization_level, workspace_bytes=workspace_bytes))
+    return plans
+
+
+def import_tensorrt_builder():
+    """``tensorrt`` with a builder and a visible CUDA GPU, or :class:`BackendUnavailableError` naming what is
+    missing (``tensorrt-lean`` has a runtime but no builder)."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendUnavailableError(f"building engines needs TensorRT's builder, which is not installed: "
+                                      f"{TENSORRT_INSTALL}") from e
+    if not hasattr(trt, "Builder"):
+        raise BackendUnavailableError(f"the installed tensorrt {getattr(trt, '__version__', '?')} has no builder "
+                                      f"(a lean/dispatch runtime); install the full TensorRT: {TENSORRT_INSTALL}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("building engines needs an NVIDIA GPU with a CUDA driver and none is visible "
+                                      "(TensorRT tunes tactics on the GPU the engine will run on)")
+    return trt
+
+
+def system_section(trt) -> dict[str, Any]:
+    """The manifest's ``tensorrt`` description of this system (what the runtime compares at load)."""
+    import torch
+
+    return {"version": trt.__version__, "gpu": torch.cuda.get_device_name(),
+            "compute_capability": list(torch.cuda.get_device_capability())}
+
+
+class EngineBuilder:
+    """Builds :class:`EnginePlan` engines into a build directory with TensorRT (on the current CUDA device)."""
+
+    def __init__(self, directory: str | Path, verbose: bool = False):
+        self.trt = import_tensorrt_builder()
+        self.directory = Path(directory)
+        severity = self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING
+        self.logger = self.trt.Logger(severity)
+        self.builder = self.trt.Builder(self.logger)
+        self.cache_path = self.directory / TIMING_CACHE
+
+    def _network(self, plan: EnginePlan):
+        trt = self.trt
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+        network = self.builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        source = safe_join(self.directory, plan.onnx)
+        if sha256_file(source) != plan.onnx_sha256:
+            raise ManifestError(f"{plan.onnx} does not match its manifest hash; re-export before building")
+        if not parser.parse_from_file(str(source)):  # resolves external data next to the graph
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineBuildError(f"TensorRT's ONNX parser rejected {plan.onnx}: {errors}")
+        return network, parser
+
+    def _config(self, plan: EnginePlan, cache_bytes: bytes):
+        trt = self.trt
+        config = self.builder.create_builder_config()
+        for flag in plan.flags:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+        config.builder_optimization_level = plan.optimization_level
+        if plan.workspace_bytes:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+        profile = self.builder.create_optimization_profile()
+        for name, shapes in plan.profile.items():
+            profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+        config.add_optimization_profile(profile)
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        return config
+
+    def build(self, plan: EnginePlan, into: Path) -> Path:
+        """Build one engine into the folder ``into`` (a staging folder: the caller moves it into the build) and
+        update the build's timing cache; both written atomically. Returns the engine's path."""
+        network, _parser = self._network(plan)  # the parser owns weights the network refers to: keep it alive
+        cache_bytes = self.cache_path.read_bytes() if self.cache_path.is_file() else b""
+        config = self._config(plan, cache_bytes)
+        t0 = time.perf_counter()
+        serialized = self.builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise EngineBuildError(f"TensorRT failed to build the {plan.model} engine from {plan.onnx} (see the "
+                                   f"TensorRT log above; run with --verbose for details)")
+        path = into / plan.engine
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(bytes(serialized))
+        with atomic_path(self.cache_path) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        logger.info("%s: %s engine (%s) built in %.1fs, %.1f MB", plan.model, plan.precision, plan.engine,
+                    time.perf_counter() - t0, path.stat().st_size / 2**20)
+        return path
+
+
+def record_engines(manifest: Manifest, directory: str | Path, plans: list[EnginePlan], system: dict[str, Any],
+                   precision: str) -> Manifest:
+    """Point the manifest's entries at the built engines (hashed) and write its ``tensorrt`` section: the system
+    they were built on, the requested precision and each engine's plan (source graph hash included, so the
+    runtime can tell an engine built from an older graph). Saved atomically."""
+    for plan in plans:
+        entry = manifest.models[plan.model]
+        entry.engine = plan.engine
+        entry.files[plan.engine] = sha256_file(safe_join(directory, plan.engine))
+        entry.profile = plan.profile
+    manifest.tensorrt = {**system, "precision": precision, "engines": {p.model: p.to_dict() for p in plans}}
+    manifest.save(directory)
+    return manifest
