@@ -135,6 +135,8 @@ def export_all(out_dir: str | Path, config: str | DynaIPConfig = "tiny", models:
 
     Everything is staged in a sibling temp directory and swapped in at the end (atomic for readers).
     """
+    from .parity import save_references
+
     variants = variants or {}
     check_variants(variants, names)
     models = models or build_family(config)
@@ -160,6 +162,7 @@ def export_all(out_dir: str | Path, config: str | DynaIPConfig = "tiny", models:
                 inputs, outputs = io_signature(onnx.load(str(staging / fname), load_external_data=False))
                 entries[name] = ModelEntry(onnx=fname, files={f.name: sha256_file(f) for f in files}, inputs=inputs,
                                            outputs=outputs, profile=spec.profile(env))
+                entries[name].files.update(save_references(staging, models, (name,), env))
             else:
                 add_variant(entries[name], precision, files)
         if "text" in names:  # the runtime tokenizes prompts with the exported text encoders' own tokenizers

@@ -1,0 +1,412 @@
+"""Parity harness: TensorRT vs ONNX Runtime vs the PyTorch outputs saved at export, with polygraphy.
+
+    python -m export.parity --build build/tiny [--precisions fp32,fp16,bf16,fp8|auto] [--models dit,vae] \\
+        [--backends auto|onnxruntime,tensorrt] [--json report.json] [-v]
+
+``export.onnx`` runs every fp32 PyTorch model once on inputs at the envelope's opt point (batch 2) and saves
+inputs and outputs as ``reference/<model>.npz``, hashed in the manifest like every other file. This harness feeds
+those inputs to every graph of the build through polygraphy's ONNX Runtime runner (CPU provider) and, with
+TensorRT and a GPU, to each model's engine through its TrtRunner. Each result is compared with the saved fp32
+PyTorch outputs, and each engine also with ONNX Runtime on the graph it was built from (same precision). One row
+per comparison: relative L2, max abs and cosine (the worst over the model's outputs), and PASS when the relative
+L2 is within the precision's tolerance. What a backend cannot run here is reported as SKIP with the reason.
+
+Exit codes: 0 every comparison passed; 1 a comparison failed; 2 bad arguments or build directory (unknown model or
+precision, missing or tampered files); 3 a requested backend is not installed (the message says what to install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, cli_main
+from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, ModelEntry, safe_join, sha256_file
+from dynaip_trt.metrics import report
+from dynaip_trt.models import DynaIPModels
+from dynaip_trt.weights import atomic_path
+from runtime.ort_backend import import_onnxruntime
+from runtime.trt_backend import INSTALL_HINT, check_profile, check_tensorrt_section, import_tensorrt
+
+from .onnx import configure_logging
+from .specs import Envelope, get_spec
+
+logger = logging.getLogger("export.parity")
+
+# Relative L2 tolerances against the fp32 PyTorch outputs (and between TensorRT and ONNX Runtime on the same graph).
+# Measured on the tiny build (python -m export.onnx --fp16 --bf16; fp8: calibration.collect --samples 4, then
+# calibration.quantize --export) on ONNX Runtime's CPU provider, worst over every model and 24 input sets (seeds 0-7
+# at 2x2, 1x1 and 2x4 batch x subjects, 64x64) with the worst model in brackets; each tolerance is 3-4x that worst.
+FP32_REL_L2 = 3e-5  # measured 7.4e-6 (dit; others <= 1.5e-6): float reassociation only
+FP16_REL_L2 = 3e-3  # measured 8.0e-4 (vae; dit 5.4e-4): 11-bit significand
+# measured with PyTorch on the CPU (ONNX Runtime's CPU provider has no bf16 kernels): 9.8e-2 (dit, median 5.3e-2;
+# others <= 1.5e-2). FLUX scales timestep and guidance by 1000 in the model's dtype, and bf16's 8-bit significand
+# moves the high frequencies of their sinusoidal embeddings (guidance 3.5 -> 3504, not 3500).
+BF16_REL_L2 = 3e-1
+FP8_REL_L2 = 5e-2  # measured 1.3e-2 (dit, median 7.2e-3): FP8 E4M3 (4-bit significand) in every block GEMM, fp16 around
+# fp32 engines built with TensorRT's TF32 flag round GEMM inputs to TF32's 11-bit significand, as fp16 does.
+TF32_REL_L2 = FP16_REL_L2
+TOLERANCES = {"fp32": FP32_REL_L2, "fp16": FP16_REL_L2, "bf16": BF16_REL_L2, "fp8": FP8_REL_L2}
+
+# Graphs ONNX Runtime's CPU provider cannot run (reported as SKIP when it fails on them; any other failure is FAIL).
+ORT_CPU_UNSUPPORTED = {"bf16": "ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Add, Conv...)"}
+BACKENDS = ("onnxruntime", "tensorrt")
+REFERENCE = "pytorch-fp32"
+REFERENCE_DIR = "reference"
+REFERENCE_SEED = 0
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+EXIT_FAILED, EXIT_NEEDS_BACKEND = 1, 3
+
+Arrays = dict[str, np.ndarray]
+
+
+def reference_file(name: str) -> str:
+    """Path of a model's saved PyTorch inputs and outputs, relative to the build directory."""
+    return f"{REFERENCE_DIR}/{name}.npz"
+
+
+def reference_point(envelope: Envelope) -> tuple[int, int, int, int]:
+    """(batch, subjects, height, width) of the saved references: the envelope's opt point, batch 2 where the
+    envelope allows it (sizes >= 2 exercise the batch axis)."""
+    _, subjects, height, width = envelope.points()["opt"]
+    return max(envelope.batch[0], min(2, envelope.batch[2])), subjects, height, width
+
+
+def save_references(directory: str | Path, models: DynaIPModels, names: tuple[str, ...], envelope: Envelope
+                    ) -> dict[str, str]:
+    """Run the fp32 PyTorch module of each model of ``names`` on valid sample inputs at :func:`reference_point`
+    and write ``reference/<name>.npz`` in ``directory`` (atomically): ``inputs/<input>`` and ``outputs/<output>``
+    arrays, names from :data:`MODEL_IO` (e.g. the DiT's ``inputs/latents`` ``[B, N, 64]`` and
+    ``outputs/velocity`` ``[B, N, 64]``). Returns ``{relpath: sha256}`` of the files written."""
+    point = reference_point(envelope)
+    files = {}
+    for name in names:
+        spec = get_spec(name, models)
+        inputs = spec.sample_inputs(*point, seed=REFERENCE_SEED)
+        with torch.no_grad():
+            outputs = spec.module().eval()(*(inputs[n] for n in spec.input_names))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        arrays = {f"inputs/{n}": inputs[n].numpy() for n in spec.input_names}
+        arrays.update({f"outputs/{n}": o.float().numpy() for n, o in zip(spec.output_names, outputs)})
+        rel = reference_file(name)
+        path = Path(directory) / rel
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        files[rel] = sha256_file(path)
+    return files
+
+
+def load_references(directory: str | Path, name: str, entry: ModelEntry) -> tuple[Arrays, Arrays]:
+    """The saved ``(inputs, outputs)`` of model ``name`` (``{tensor name: array}``, :data:`MODEL_IO` order).
+
+    Raises :class:`ManifestError` when the manifest lists no reference for it (a build exported before
+    references existed) or the file lacks a tensor."""
+    rel = reference_file(name)
+    if rel not in entry.files:
+        raise ManifestError(f"{directory}: model {name} has no saved PyTorch reference ({rel} is not in the "
+                            f"manifest); re-export the build with python -m export.onnx")
+    inputs, outputs = MODEL_IO[name]
+    with np.load(safe_join(directory, rel)) as z:
+        missing = [k for k in [*(f"inputs/{n}" for n in inputs), *(f"outputs/{n}" for n in outputs)]
+                   if k not in z.files]
+        if missing:
+            raise ManifestError(f"{directory}: {rel} lacks {missing}; re-export the build with python -m export.onnx")
+        return {n: z[f"inputs/{n}"] for n in inputs}, {n: z[f"outputs/{n}"] for n in outputs}
+
+
+@dataclass
+class Row:
+    """One comparison: ``backend`` running ``model``'s ``precision`` graph/engine against ``vs`` (the saved PyTorch
+    fp32 outputs, or ONNX Runtime on the same graph). Metrics are the worst over the model's outputs; ``None`` for
+    a skipped row, whose ``note`` says why."""
+
+    model: str
+    precision: str
+    backend: str
+    vs: str
+    rel_l2: float | None = None
+    max_abs: float | None = None
+    cosine: float | None = None
+    tolerance: float | None = None
+    result: str = SKIP
+    note: str = ""
+
+
+def compare(row: Row, actual: Arrays, expected: Arrays, tolerance: float) -> Row:
+    """Fill ``row`` with the metrics of ``actual`` against ``expected`` (same keys) and PASS/FAIL: PASS when the
+    largest relative L2 over the outputs is at most ``tolerance`` (NaN fails)."""
+    row.tolerance = tolerance
+    bad = [f"{n} missing" if n not in actual else f"{n} {actual[n].shape} != {expected[n].shape}"
+           for n in expected if n not in actual or actual[n].shape != expected[n].shape]
+    if bad:
+        row.result, row.note = FAIL, "outputs differ: " + ", ".join(bad)
+        return row
+    metrics = [report(actual[n], expected[n]) for n in expected]
+    row.rel_l2 = float(np.max([m["rel_l2"] for m in metrics]))
+    row.max_abs = float(np.max([m["max_abs"] for m in metrics]))
+    row.cosine = float(np.min([m["cosine"] for m in metrics]))
+    row.result = PASS if row.rel_l2 <= tolerance else FAIL
+    return row
+
+
+def first_line(error: Exception, limit: int = 120) -> str:
+    """The start of an error's message, for a row's note."""
+    return (str(error).splitlines() or [""])[0][:limit]
+
+
+def run_runner(runner, feeds: Arrays) -> Arrays:
+    """Activate a polygraphy runner, run ``feeds`` once (each cast to the dtype its input declares) and return
+    copies of its outputs (runners reuse their output buffers)."""
+    from polygraphy.datatype import DataType
+
+    with runner:
+        meta = runner.get_input_metadata(use_numpy_dtypes=False)
+        feed = {n: np.ascontiguousarray(a, dtype=DataType.to_dtype(meta[n].dtype, "numpy"))
+                for n, a in feeds.items()}
+        return {n: np.array(o) for n, o in runner.infer(feed).items()}
+
+
+def run_onnxruntime(path: Path, feeds: Arrays) -> Arrays:
+    """Outputs of the ONNX graph ``path`` on ONNX Runtime's CPU provider (polygraphy's OnnxrtRunner)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return run_runner(OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"])), feeds)
+
+
+def run_tensorrt(path: Path, feeds: Arrays) -> Arrays:
+    """Outputs of the serialized TensorRT engine ``path`` on the current GPU (polygraphy's TrtRunner)."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    return run_runner(TrtRunner(EngineFromBytes(BytesFromPath(str(path)))), feeds)
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why TensorRT engines cannot run here (no ``tensorrt`` module, no GPU), or ``None`` when they can."""
+    try:
+        import_tensorrt()
+    except BackendUnavailableError as e:
+        return str(e)
+    if not torch.cuda.is_available():
+        return f"the tensorrt backend needs an NVIDIA GPU and none is visible: {INSTALL_HINT}"
+    return None
+
+
+def resolve_backends(spec: str) -> tuple[str, ...]:
+    """``auto`` -> ONNX Runtime, plus TensorRT when it can run here; or an explicit comma list of :data:`BACKENDS`.
+
+    Raises :class:`ConfigError` for an unknown backend and :class:`BackendUnavailableError` (naming what to
+    install) when a requested backend cannot run here."""
+    if spec == "auto":
+        import_onnxruntime()
+        reason = tensorrt_unavailable()
+        if reason is None:
+            return BACKENDS
+        logger.info("comparing ONNX Runtime with the saved PyTorch outputs only: the TensorRT half needs TensorRT "
+                    "and an NVIDIA GPU (%s)", reason)
+        return ("onnxruntime",)
+    backends = tuple(b.strip() for b in spec.split(",") if b.strip())
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"--backends {spec!r}: choose auto or a comma list of {list(BACKENDS)}")
+    if "onnxruntime" in backends:
+        import_onnxruntime()
+    if "tensorrt" in backends:
+        reason = tensorrt_unavailable()
+        if reason is not None:
+            raise BackendUnavailableError(reason)
+    return backends
+
+
+def parse_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...] | None:
+    """A comma list of ``allowed`` names, or ``None`` for ``auto``; :class:`ConfigError` names unknown ones."""
+    if text == "auto":
+        return None
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in items if s not in allowed]
+    if unknown or not items:
+        raise ConfigError(f"--{what}: unknown {what} {unknown or [text]}; choose auto or from {list(allowed)}")
+    return items
+
+
+def graphs_of(entry: ModelEntry) -> dict[str, str]:
+    """``{precision: ONNX file}`` of every graph a manifest entry lists (main graph and variants)."""
+    return {entry.precision: entry.onnx, **entry.variants}
+
+
+def engine_precision(manifest: Manifest, name: str) -> tuple[str, float]:
+    """Precision of ``name``'s engine (that of the graph it was built from, recorded in the manifest's
+    ``tensorrt`` section) and its tolerance (fp32 engines built with the TF32 flag: :data:`TF32_REL_L2`)."""
+    plan = (manifest.tensorrt or {}).get("engines", {}).get(name, {})
+    precision = plan.get("precision", manifest.models[name].precision)
+    tf32 = precision == "fp32" and "TF32" in plan.get("flags", ())
+    return precision, TF32_REL_L2 if tf32 else TOLERANCES[precision]
+
+
+def onnxruntime_rows(directory: Path, name: str, graphs: dict[str, str], precisions: tuple[str, ...],
+                     feeds: Arrays, expected: Arrays) -> tuple[list[Row], dict[str, Arrays]]:
+    """ONNX Runtime on ``name``'s graph of each of ``precisions`` against the saved PyTorch outputs; returns the
+    rows and ``{precision: outputs}`` of the graphs that ran (for the TensorRT comparison)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+    from polygraphy.exception import PolygraphyException
+
+    rows, outputs = [], {}
+    for precision in precisions:
+        row = Row(name, precision, "onnxruntime", REFERENCE)
+        if precision not in graphs:
+            row.note = f"no {precision} graph of {name} in this build (it has {sorted(graphs)})"
+        else:
+            try:
+                outputs[precision] = run_onnxruntime(safe_join(directory, graphs[precision]), feeds)
+            except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NotImplemented,
+                    ort_errors.RuntimeException, PolygraphyException) as e:
+                if precision in ORT_CPU_UNSUPPORTED:
+                    row.note = f"{ORT_CPU_UNSUPPORTED[precision]}: {first_line(e)}"
+                else:
+                    row.result, row.note = FAIL, f"ONNX Runtime failed: {first_line(e)}"
+            else:
+                compare(row, outputs[precision], expected, TOLERANCES[precision])
+        rows.append(row)
+    return rows, outputs
+
+
+def tensorrt_rows(directory: Path, manifest: Manifest, name: str, precisions: tuple[str, ...], feeds: Arrays,
+                  expected: Arrays, ort_outputs: dict[str, Arrays] | None) -> list[Row]:
+    """``name``'s engine against the saved PyTorch outputs and, when ``ort_outputs`` is given, against ONNX
+    Runtime on the graph of the engine's precision."""
+    from polygraphy.exception import PolygraphyException
+
+    entry = manifest.models[name]
+    precision, tolerance = engine_precision(manifest, name)
+    row = Row(name, precision, "tensorrt", REFERENCE)
+    if not entry.engine:
+        row.note = "no TensorRT engine in this build (python -m export.build)"
+    elif precision not in precisions:
+        row.note = f"the engine is {precision}, not among the requested precisions"
+    else:
+        try:
+            check_profile(name, entry.profile, {n: a.shape for n, a in feeds.items()})
+        except InputError as e:
+            row.note = f"reference inputs outside the engine's profile: {e}"
+    if row.note:
+        return [row]
+    try:
+        actual = run_tensorrt(safe_join(directory, entry.engine), feeds)
+    except PolygraphyException as e:
+        row.result, row.note = FAIL, f"TensorRT failed: {first_line(e)}"
+        return [row]
+    rows = [compare(row, actual, expected, tolerance)]
+    if ort_outputs is not None:
+        vs = Row(name, precision, "tensorrt", "onnxruntime")
+        if precision in ort_outputs:
+            compare(vs, actual, ort_outputs[precision], tolerance)
+        else:
+            vs.note = f"no ONNX Runtime outputs of the {precision} graph"
+        rows.append(vs)
+    return rows
+
+
+def run_parity(directory: str | Path, precisions: tuple[str, ...] | None = None, models: tuple[str, ...] | None = None,
+               backends: tuple[str, ...] = ("onnxruntime",), progress: bool = True) -> list[Row]:
+    """Compare ``backends`` with the saved PyTorch outputs (and TensorRT with ONNX Runtime) for ``models`` (default:
+    every model of the build) in ``precisions`` (default: every graph of the build).
+
+    The manifest's hashes of the selected models' files are verified first. Raises :class:`ConfigError` for an
+    unknown model or a precision no selected model has, :class:`ManifestError` for a bad build directory.
+    """
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    names = models or tuple(manifest.models)
+    unknown = [n for n in names if n not in MODEL_IO]
+    if unknown:
+        raise ConfigError(f"unknown models {unknown}; choose from {list(MODEL_IO)}")
+    manifest.verify(directory, list(names))
+    available = {n: graphs_of(manifest.models[n]) for n in names}
+    absent = [p for p in precisions or () if not any(p in g for g in available.values())]
+    if absent:
+        raise ConfigError(f"{directory} has no {absent} graphs of {list(names)}; export them (python -m export.onnx "
+                          f"--fp16/--bf16; fp8: python -m calibration.quantize --export)")
+    if "tensorrt" in backends and any(manifest.models[n].engine for n in names):
+        trt = import_tensorrt()
+        check_tensorrt_section(manifest.tensorrt, trt.__version__, torch.cuda.get_device_name(),
+                               torch.cuda.get_device_capability(), directory)
+    rows: list[Row] = []
+    for name in tqdm(names, desc="parity", disable=not progress):
+        feeds, expected = load_references(directory, name, manifest.models[name])
+        wanted = precisions or tuple(p for p in PRECISIONS if p in available[name])
+        ort_outputs = None
+        if "onnxruntime" in backends:
+            ort_rows, ort_outputs = onnxruntime_rows(directory, name, available[name], wanted, feeds, expected)
+            rows += ort_rows
+        if "tensorrt" in backends:
+            rows += tensorrt_rows(directory, manifest, name, wanted, feeds, expected, ort_outputs)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """A fixed-width table of ``rows``, one line each (SKIP and FAIL rows end with their note)."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{'model':<7} {'precision':<9} {'backend':<11} {'vs':<12} {'rel_l2':>9} {'max_abs':>9} {'cosine':>10} "
+             f"{'tolerance':>9}  result"]
+    for r in rows:
+        lines.append(f"{r.model:<7} {r.precision:<9} {r.backend:<11} {r.vs:<12} {num(r.rel_l2, '.2e'):>9} "
+                     f"{num(r.max_abs, '.2e'):>9} {num(r.cosine, '.8f'):>10} {num(r.tolerance, '.1e'):>9}  "
+                     f"{r.result}{'  ' + r.note if r.note else ''}")
+    return "\n".join(lines)
+
+
+def report_json(directory: str | Path, backends: tuple[str, ...], rows: list[Row]) -> dict[str, Any]:
+    """The report as JSON-ready data: build directory, backends, tolerances and every row."""
+    return {"build": str(directory), "backends": list(backends), "tolerances": TOLERANCES,
+            "tf32_tolerance": TF32_REL_L2, "passed": all(r.result != FAIL for r in rows),
+            "rows": [asdict(r) for r in rows]}
+
+
+@cli_main(logger)  # other DynaIPErrors (bad arguments or build directory): one line, exit 2
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--build", required=True, help="build directory (python -m export.onnx or export.build)")
+    p.add_argument("--precisions", default="auto",
+                   help=f"comma list of {','.join(PRECISIONS)}, or auto: every graph in the build")
+    p.add_argument("--models", default="auto", help=f"comma list of {','.join(MODEL_IO)}, or auto: every model")
+    p.add_argument("--backends", default="auto",
+                   help=f"auto (ONNX Runtime, plus TensorRT when it and a GPU are present) or a comma list of "
+                        f"{','.join(BACKENDS)}")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    configure_logging(args.verbose)
+    precisions = parse_list(args.precisions, PRECISIONS, "precisions")
+    models = parse_list(args.models, tuple(MODEL_IO), "models")
+    try:
+        backends = resolve_backends(args.backends)
+        rows = run_parity(args.build, precisions, models, backends)
+    except BackendUnavailableError as e:
+        logger.error("%s", e)
+        return EXIT_NEEDS_BACKEND
+    print(format_table(rows))
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report_json(args.build, backends, rows), indent=1))
+    failed = [r for r in rows if r.result == FAIL]
+    if failed:
+        logger.error("%d of %d comparisons failed", len(failed), len(rows))
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
