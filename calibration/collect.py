@@ -7,7 +7,7 @@
 Sample ``i`` renders prompt ``i`` of ``calibration/data/prompts.txt`` with ``1 + i % max_subjects`` synthetic
 reference subjects (deterministic images) and seed ``seed + i``. The flat DiT inputs (``MODEL_IO["dit"]``) of
 ``--record-steps`` evenly spaced denoising steps are saved to ``dit_inputs.npz``; the largest ``|input|`` of
-every FP8 layer (:func:`calibration.quantize.fp8_layers`) over all steps, and of its weight, to ``amax.json``.
+every FP8 layer (:func:`dynaip_trt.fp8.fp8_layers`) over all steps, and of its weight, to ``amax.json``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynaip_trt.errors import ConfigError, cli_main
+from dynaip_trt.fp8 import fp8_layers
 from dynaip_trt.manifest import MODEL_IO
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.pipeline import DynaIPPipeline, TorchStages
 from export.onnx import build_family, configure_logging
 from export.wrappers import DiTStep
 
-from .quantize import fp8_layers
 from .store import AmaxTable, load_prompts, save_records, synthetic_reference
 
 logger = logging.getLogger("calibration.collect")

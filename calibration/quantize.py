@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
+from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers, to_fp8
 from dynaip_trt.manifest import MODEL_IO, Manifest
 from dynaip_trt.metrics import cosine, psnr, rel_l2
 from dynaip_trt.models import DynaIPModels
@@ -50,27 +51,15 @@ from export.onnx import (TORCH_DTYPES, GraphCheckError, add_variant, build_famil
 from export.specs import DiTSpec
 from export.wrappers import CastIO, DiTStep
 
-from .store import FP8_E4M3_MAX, AmaxTable, load_records
+from .store import AmaxTable, load_records
 
 logger = logging.getLogger("calibration.quantize")
 
 FP8_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types need opset 19
-QUANTIZED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
-
-
-def fp8_layers(transformer: nn.Module) -> dict[str, nn.Linear]:
-    """``{name: layer}`` of the Linear layers quantized to FP8: inside the transformer blocks, not a norm's
-    modulation projection. Everything else (embedders, norms, ``norm_out``, final ``proj_out``) stays higher."""
-    return {name: m for name, m in transformer.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[0] in QUANTIZED_BLOCKS
-            and not any(part.startswith("norm") for part in name.split("."))}
-
-
 @torch.library.custom_op("dynaip::fp8_qdq", mutates_args=())
 def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-tensor FP8 E4M3 quantize-dequantize: ``e4m3(clamp(x / scale, +-448)) * scale`` in ``x``'s dtype."""
-    q = (x.float() / scale.float()).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * scale.float()).to(x.dtype)
+    return (to_fp8(x, scale.float()).float() * scale.float()).to(x.dtype)
 
 
 @fp8_qdq.register_fake

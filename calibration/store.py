@@ -19,6 +19,7 @@ from PIL import Image
 
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import ConfigError
+from dynaip_trt.fp8 import FP8_E4M3_MAX
 from dynaip_trt.weights import atomic_path
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
@@ -26,7 +27,6 @@ RECORDS_FILE = "dit_inputs.npz"
 AMAX_FILE = "amax.json"
 AMAX_FORMAT = "dynaip-trt-fp8-amax"
 AMAX_VERSION = 1
-FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn value: per-tensor scale = amax / FP8_E4M3_MAX
 
 
 def load_prompts(path: str | Path = PROMPTS_FILE) -> list[str]:

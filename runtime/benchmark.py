@@ -1,7 +1,7 @@
 """Latency benchmark: per-step and end-to-end latency, reference-encoding time and peak memory per backend and
 subject count, against the diffusers-style eager PyTorch baseline measured in the same run, plus the compute floor.
 
-    python -m runtime.benchmark --config flux-dev --backends torch-eager,torch-graphs,tensorrt \\
+    python -m runtime.benchmark --config flux-dev --backends torch-eager,torch-graphs,torch-fp8,tensorrt \\
         --subjects 1,2,4 --resolution 1024 --steps 28 --build-dir build/flux-dev      # on a GPU
     python -m runtime.benchmark                      # CPU: tiny config, says it is a CPU figure
 
@@ -36,7 +36,7 @@ from .engine import DynaIPEngine
 
 logger = logging.getLogger("runtime.benchmark")
 
-BACKENDS = ("torch-eager", "torch-graphs", "onnxruntime", "tensorrt")
+BACKENDS = ("torch-eager", "torch-graphs", "torch-fp8", "onnxruntime", "tensorrt")  # torch-fp8: graphs on a GPU
 BASELINE = "torch-eager"
 
 
@@ -117,14 +117,17 @@ def synthetic_references(subjects: int, size: int = 256) -> list[Image.Image]:
 def make_engine(backend: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                 ) -> DynaIPEngine | str:
     """The engine for ``backend``, or a sentence saying why it is skipped."""
-    if backend in ("torch-eager", "torch-graphs"):
-        graphs = backend == "torch-graphs"
-        if graphs and device.type != "cuda":
+    if backend.startswith("torch"):
+        if backend == "torch-graphs" and device.type != "cuda":
             return "CUDA graphs need a GPU"
-        if args.weights:
-            base, clip, adapter = args.weights
-            return DynaIPEngine.from_weights(base, clip, adapter, device=device, dtype=dtype, cuda_graphs=graphs)
-        return DynaIPEngine.from_config(args.config, seed=0, device=device, dtype=dtype, cuda_graphs=graphs)
+        opts = dict(device=device, dtype=dtype, cuda_graphs=backend != "torch-eager", fp8=backend == "torch-fp8")
+        try:
+            if args.weights:
+                base, clip, adapter = args.weights
+                return DynaIPEngine.from_weights(base, clip, adapter, **opts)
+            return DynaIPEngine.from_config(args.config, seed=0, **opts)
+        except DynaIPError as e:
+            return str(e)
     if not args.build_dir:
         return "needs --build-dir (python -m export.onnx / export.build output)"
     try:
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.resolution = args.resolution or cfg.height
     args.steps = args.steps or cfg.steps
-    backends = (args.backends or ("torch-eager,torch-graphs,tensorrt" if gpu else "torch-eager,onnxruntime")
+    backends = (args.backends or ("torch-eager,torch-graphs,torch-fp8,tensorrt" if gpu else "torch-eager,onnxruntime")
                 ).split(",")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from dynaip_trt.configs import DynaIPConfig, get_config
 from dynaip_trt.errors import BackendUnavailableError, ConfigError
+from dynaip_trt.fp8 import quantize_fp8_
 from dynaip_trt.images import ImageLike
 from dynaip_trt.manifest import Manifest
 from dynaip_trt.models import DynaIPModels, build_models
@@ -112,30 +113,42 @@ class DynaIPEngine(DynaIPPipeline):
         return cls(manifest.dynaip_config, stages, clip_tok, t5_tok, backend)
 
     @classmethod
-    def from_models(cls, models: DynaIPModels, cuda_graphs: bool = True) -> "DynaIPEngine":
-        """Torch backend over an in-memory model family (on its current device)."""
+    def from_models(cls, models: DynaIPModels, cuda_graphs: bool = True, fp8: bool = False) -> "DynaIPEngine":
+        """Torch backend over an in-memory model family (on its current device).
+
+        ``fp8``: replace the DiT's block linear layers, in place, by FP8 GEMMs (``torch._scaled_mm``, dynamic
+        per-tensor input scales; see :mod:`dynaip_trt.fp8`). GPUs need FP8 tensor cores (compute capability 8.9+).
+        """
+        if fp8:
+            if models.device.type == "cuda" and torch.cuda.get_device_capability(models.device) < (8, 9):
+                raise BackendUnavailableError(f"fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. L40S, "
+                                              f"H100); {torch.cuda.get_device_name(models.device)} has none")
+            logger.info("fp8: %d DiT linear layers now run torch._scaled_mm", quantize_fp8_(models.transformer))
         stages = TorchGraphStages(models, cuda_graphs=cuda_graphs)
         return cls(models.config, stages, models.clip_tokenizer, models.t5_tokenizer, "torch")
 
     @classmethod
     def from_config(cls, name: str = "tiny", seed: int = 0, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, cuda_graphs: bool = True) -> "DynaIPEngine":
+                    dtype: torch.dtype | None = None, cuda_graphs: bool = True, fp8: bool = False
+                    ) -> "DynaIPEngine":
         """Torch backend over seeded reference models of a named config (``tiny`` is the embedded default).
 
-        On a CUDA ``device`` the DiT step is replayed from a CUDA graph per bucket unless ``cuda_graphs=False``.
+        On a CUDA ``device`` the DiT step is replayed from a CUDA graph per bucket unless ``cuda_graphs=False``;
+        ``fp8`` runs the DiT's block linears as FP8 GEMMs (see :meth:`from_models`).
         """
         device = _cuda_device(device)
         models = place_models(build_models(get_config(name), seed=seed), device, dtype)
-        return cls.from_models(models, cuda_graphs=cuda_graphs)
+        return cls.from_models(models, cuda_graphs=cuda_graphs, fp8=fp8)
 
     @classmethod
     def from_weights(cls, base_dir: str | Path, clip_dir: str | Path, adapter_path: str | Path | None = None,
                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                     cuda_graphs: bool = True) -> "DynaIPEngine":
-        """Torch backend over local checkpoints (see :func:`dynaip_trt.weights.load_models`)."""
+                     cuda_graphs: bool = True, fp8: bool = False) -> "DynaIPEngine":
+        """Torch backend over local checkpoints (see :func:`dynaip_trt.weights.load_models`; ``fp8``: see
+        :meth:`from_models`)."""
         device = _cuda_device(device)
         models = place_models(load_models(base_dir, clip_dir, adapter_path), device, dtype)
-        return cls.from_models(models, cuda_graphs=cuda_graphs)
+        return cls.from_models(models, cuda_graphs=cuda_graphs, fp8=fp8)
 
     # ------------------------------------------------------------------------------------------------- calls
     def _scope(self) -> contextlib.AbstractContextManager:

@@ -45,7 +45,7 @@ def test_flux_dev_step_flops_order_of_magnitude():
 
 def test_cli_on_tiny_cpu(tiny_build, tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    rc = main(["--config", "tiny", "--backends", "torch-eager,onnxruntime,tensorrt", "--subjects", "1,2",
+    rc = main(["--config", "tiny", "--backends", "torch-eager,torch-fp8,onnxruntime,tensorrt", "--subjects", "1,2",
                "--steps", "2", "--repeats", "1", "--warmup", "0", "--build-dir", str(tiny_build),
                "--json", str(out_json), "--plot", str(out_png)])
     assert rc == 0
@@ -53,7 +53,8 @@ def test_cli_on_tiny_cpu(tiny_build, tmp_path, capsys):
     assert "CPU figure" in text and "skipped tensorrt" in text
     rows = json.loads(out_json.read_text())["rows"]
     assert [(r["backend"], r["subjects"]) for r in rows] == [
-        ("torch-eager", 1), ("torch-eager", 2), ("onnxruntime", 1), ("onnxruntime", 2)]
+        ("torch-eager", 1), ("torch-eager", 2), ("torch-fp8", 1), ("torch-fp8", 2), ("onnxruntime", 1),
+        ("onnxruntime", 2)]
     for r in rows:
         assert r["step_ms"] > 0 and r["e2e_ms"] > r["step_ms"] and r["floor_ms"] > 0
         assert r["vs_baseline"] > 0

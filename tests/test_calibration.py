@@ -21,9 +21,10 @@ from dynaip_trt.metrics import psnr, rel_l2
 from export import build
 from export.onnx import GraphCheckError
 from calibration.collect import collect, record_steps
-from calibration.quantize import (FP8_OPSET, calibrate_modelopt, check_qdq_placement, dit_variant, fp8_layers,
-                                  fp8_qdq, quantize_transformer)
-from calibration.store import FP8_E4M3_MAX, AmaxTable, load_records
+from calibration.quantize import (FP8_OPSET, calibrate_modelopt, check_qdq_placement, dit_variant, fp8_qdq,
+                                  quantize_transformer)
+from calibration.store import AmaxTable, load_records
+from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers
 
 from conftest import captured_logs
 
