@@ -10,7 +10,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
-from .attention import DynaIPAttnProcessor, FluxPosEmbedFP32
+from .attention import DynaIPAttnProcessor, FluxPosEmbedFP32, FP32TimeEmbedding
 from .configs import AdapterConfig, TransformerConfig
 from .fusion import HMoEFusion
 
@@ -78,13 +78,16 @@ class DynaIPAdapter(nn.Module):
 
 
 def install_processors(transformer: FluxTransformer2DModel, adapter_cfg: AdapterConfig) -> None:
-    """Install DynaIP processors and FP32 RoPE into a diffusers ``FluxTransformer2DModel`` in place.
+    """Install DynaIP processors, FP32 RoPE and FP32 time embedding inputs into a diffusers
+    ``FluxTransformer2DModel`` in place (idempotent).
 
     Without a ``dynaip`` joint-attention kwarg the processors compute exactly the base model (up to float32
     RoPE instead of float64).
     """
     pe = transformer.pos_embed
-    transformer.pos_embed = FluxPosEmbedFP32(pe.theta, pe.axes_dim)
+    if not isinstance(pe, FluxPosEmbedFP32):
+        transformer.pos_embed = FluxPosEmbedFP32(pe.theta, pe.axes_dim)
+        FP32TimeEmbedding(transformer)
     n_double = len(transformer.transformer_blocks)
     for i, block in enumerate(transformer.transformer_blocks):
         block.attn.set_processor(DynaIPAttnProcessor(ref_index=i, txt_index=i))

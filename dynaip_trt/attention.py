@@ -45,6 +45,33 @@ class FluxPosEmbedFP32(nn.Module):
         return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
 
 
+class FP32TimeEmbedding:
+    """Feed FLUX's timestep/guidance embedding float32 ``timestep * 1000`` and ``guidance * 1000``.
+
+    diffusers' ``FluxTransformer2DModel.forward`` computes ``timestep.to(dtype) * 1000`` in the model's dtype: in
+    bf16 guidance 3.5 becomes 3504 (bf16's spacing at 2048-4096 is 16), which moves the high frequencies of the
+    sinusoidal embedding (measured: a bf16 DiT step's rel L2 error drops from ~5e-2 to ~1.5e-2 with this). A
+    forward pre-hook on the transformer keeps the call's ``timestep``/``guidance``; one on ``time_text_embed``
+    replaces its rounded inputs by float32 products (its sinusoidal projection runs in float32 anyway). Identical
+    in float32. The hooks hold the last call's tensors: one transformer serves one call at a time.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        self.values: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        transformer.register_forward_pre_hook(self.capture, with_kwargs=True)
+        transformer.time_text_embed.register_forward_pre_hook(self.replace)
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.values = (kwargs.get("timestep"), kwargs.get("guidance"))
+
+    def replace(self, module: nn.Module, args: tuple) -> tuple | None:
+        timestep, guidance = self.values
+        if timestep is None:  # called positionally: leave diffusers' inputs alone
+            return None
+        fixed = (timestep.float() * 1000,) + ((guidance.float() * 1000,) if guidance is not None else ())
+        return fixed + args[len(fixed):]
+
+
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Apply FLUX RoPE in float32 to ``x [B, H, S, D]`` with ``cos, sin [S, D]`` (interleaved pairs).
 

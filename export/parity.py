@@ -48,10 +48,9 @@ logger = logging.getLogger("export.parity")
 # at 2x2, 1x1 and 2x4 batch x subjects, 64x64) with the worst model in brackets; each tolerance is 3-4x that worst.
 FP32_REL_L2 = 3e-5  # measured 7.4e-6 (dit; others <= 1.5e-6): float reassociation only
 FP16_REL_L2 = 3e-3  # measured 8.0e-4 (vae; dit 5.4e-4): 11-bit significand
-# measured with PyTorch on the CPU (ONNX Runtime's CPU provider has no bf16 kernels): 9.8e-2 (dit, median 5.3e-2;
-# others <= 1.5e-2). FLUX scales timestep and guidance by 1000 in the model's dtype, and bf16's 8-bit significand
-# moves the high frequencies of their sinusoidal embeddings (guidance 3.5 -> 3504, not 3500).
-BF16_REL_L2 = 3e-1
+# measured with PyTorch on the CPU (ONNX Runtime's CPU provider has no bf16 kernels): 2.5e-2 (dit; 9.8e-2 before
+# dynaip_trt.attention.FP32TimeEmbedding kept FLUX's timestep/guidance * 1000 out of bf16): 8-bit significand.
+BF16_REL_L2 = 1e-1
 FP8_REL_L2 = 5e-2  # measured 1.3e-2 (dit, median 7.2e-3): FP8 E4M3 (4-bit significand) in every block GEMM, fp16 around
 # fp32 engines built with TensorRT's TF32 flag round GEMM inputs to TF32's 11-bit significand, as fp16 does.
 TF32_REL_L2 = FP16_REL_L2

@@ -236,3 +236,26 @@ def test_views_of_one_subject_are_averaged(tiny_models, make_images):
     each = [pipe.encode_references([im]) for im in imgs]
     assert both.num_subjects == 1
     assert max_abs(both.img_v, (each[0].img_v + each[1].img_v) / 2) < 1e-6
+
+
+def test_time_embedding_gets_float32_products_in_bf16(tiny_models):
+    """diffusers computes ``guidance.to(bf16) * 1000`` (3.5 -> 3504); the installed hooks feed 3500.0 in float32."""
+    import copy
+
+    from dynaip_trt.adapter import install_processors
+
+    t = copy.deepcopy(tiny_models.transformer).to(torch.bfloat16)
+    install_processors(t, tiny_models.config.adapter)  # a second install adds nothing
+    assert len(t._forward_pre_hooks) == 1 and len(t.time_text_embed._forward_pre_hooks) == 1
+    seen = []
+    t.time_text_embed.register_forward_pre_hook(lambda m, args: seen.append(args))
+    cfg = tiny_models.config.transformer
+    with torch.no_grad():
+        t(hidden_states=torch.randn(1, 16, cfg.in_channels, dtype=torch.bfloat16),
+          encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, dtype=torch.bfloat16),
+          pooled_projections=torch.randn(1, cfg.pooled_projection_dim, dtype=torch.bfloat16),
+          timestep=torch.tensor([0.7234]), guidance=torch.tensor([3.5]), img_ids=torch.zeros(16, 3),
+          txt_ids=torch.zeros(8, 3), return_dict=False)
+    timestep, guidance = seen[0][:2]
+    assert timestep.dtype == guidance.dtype == torch.float32
+    assert guidance.item() == 3500.0 and timestep.item() == pytest.approx(723.4, rel=1e-6)
