@@ -27,10 +27,7 @@ import copy
 import io
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -45,7 +42,7 @@ from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers, to_fp8
 from dynaip_trt.manifest import MODEL_IO, Manifest
 from dynaip_trt.metrics import cosine, psnr, rel_l2
 from dynaip_trt.models import DynaIPModels
-from dynaip_trt.weights import atomic_path
+from dynaip_trt.files import atomic_path, staged_files
 from export.onnx import (TORCH_DTYPES, GraphCheckError, add_variant, build_family, configure_logging,
                          export_model, variant_file)
 from export.specs import DiTSpec
@@ -96,20 +93,27 @@ class FP8Linear(nn.Module):
         return F.linear(fp8_qdq(x, self.input_scale), fp8_qdq(self.weight, self.weight_scale), self.bias)
 
 
-def quantize_transformer(transformer: nn.Module, table: AmaxTable) -> nn.Module:
-    """A copy of ``transformer`` with every :func:`fp8_layers` layer replaced by :class:`FP8Linear`.
+def check_table(transformer: nn.Module, table: AmaxTable) -> None:
+    """The table must have an entry for every :func:`fp8_layers` layer whose weight amax matches the weights.
 
-    Raises :class:`ConfigError` when the table lacks a layer or its weight amax does not match the weights (it was
-    calibrated for other weights)."""
-    q = copy.deepcopy(transformer)
-    for name, layer in fp8_layers(q).items():
+    Raises :class:`ConfigError` when the table lacks a layer or was calibrated for other weights."""
+    for name, layer in fp8_layers(transformer).items():
         if name not in table.layers:
             raise ConfigError(f"the amax table has no entry for layer {name}; re-run python -m calibration.collect")
-        amax = table.layers[name]
+        calibrated = table.layers[name]["weight"]
         actual = float(layer.weight.detach().abs().max())
-        if abs(actual - amax["weight"]) > 1e-3 * max(actual, 1e-12):
-            raise ConfigError(f"layer {name}: weight amax {actual:.6g} differs from the calibrated {amax['weight']:.6g}"
+        if abs(actual - calibrated) > 1e-3 * max(actual, 1e-12):
+            raise ConfigError(f"layer {name}: weight amax {actual:.6g} differs from the calibrated {calibrated:.6g}"
                               f"; the amax table was made for other weights: re-run python -m calibration.collect")
+
+
+def quantize_transformer(transformer: nn.Module, table: AmaxTable) -> nn.Module:
+    """A copy of ``transformer`` with every :func:`fp8_layers` layer replaced by :class:`FP8Linear`
+    (the table is checked first, :func:`check_table`)."""
+    check_table(transformer, table)
+    q = copy.deepcopy(transformer)
+    for name, layer in fp8_layers(q).items():
+        amax = table.layers[name]
         parent, _, child = name.rpartition(".")
         setattr(q.get_submodule(parent) if parent else q, child, FP8Linear(layer, amax["input"], amax["weight"]))
     return q
@@ -222,17 +226,11 @@ def export_fp8_variant(build_dir: str | Path, models: DynaIPModels, table: AmaxT
         raise ConfigError(f"{build_dir} has no dit model to add an fp8 variant to")
     if base not in ("fp16", "bf16"):
         raise ConfigError(f"--fp8-base {base!r}: choose fp16 or bf16")
-    staging = Path(tempfile.mkdtemp(prefix=".fp8-", dir=build_dir))
-    try:
+    with staged_files(build_dir, prefix=".fp8-") as staging:
         files, _ = export_model(FP8DiTSpec(models, table), staging / variant_file("dit", "fp8"), opset,
                                 TORCH_DTYPES[base], translation_table=fp8_translation_table())
         check_qdq_placement(onnx.load(str(files[0]), load_external_data=False), sorted(table.layers))
-        final = []
-        for f in files:
-            os.replace(f, build_dir / f.name)
-            final.append(build_dir / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    final = [build_dir / f.name for f in files]
     add_variant(manifest.models["dit"], "fp8", final)
     manifest.save(build_dir)
     logger.info("wrote %s (%d FP8 linear layers, %s elsewhere, opset %d)", final[0], len(table.layers), base, opset)
@@ -304,6 +302,33 @@ def modelopt_available() -> bool:
     return True
 
 
+def recalibrate(models: DynaIPModels, table: AmaxTable, records: list[dict[str, torch.Tensor]],
+                calib_dir: str | Path, calibrator: str = "auto") -> AmaxTable:
+    """The amax table to quantize with: ModelOpt's max calibration over ``records`` (saved to ``calib_dir``) for
+    ``calibrator`` ``"modelopt"``, or ``"auto"`` with ModelOpt installed; otherwise ``table`` (collect's)."""
+    if calibrator == "max" or (calibrator == "auto" and not modelopt_available()):
+        logger.info("using the max calibration of calibration.collect (%s)",
+                    "--calibrator max" if calibrator == "max" else "NVIDIA ModelOpt is not installed")
+        return table
+    calibrated = calibrate_modelopt(models, records, table.samples)
+    drift = max(abs(calibrated.layers[n]["input"] - a["input"]) / a["input"] for n, a in table.layers.items())
+    logger.info("ModelOpt calibration of %d layers; largest input-amax difference to collect's: %.2e",
+                len(calibrated.layers), drift)
+    calibrated.save(calib_dir)
+    return calibrated
+
+
+def write_report(path: str | Path, models: DynaIPModels, table: AmaxTable, records: int,
+                 report: dict[str, dict[str, float]], base: str) -> Path:
+    """Log :func:`quality_report`'s table and write it as JSON to ``path`` (atomically)."""
+    logger.info("quality vs the fp32 DiT on held-out requests (%s amax, fp8 on %s):\n%s", table.source, base,
+                format_report(report))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"config": models.config.name, "amax_source": table.source, "fp8_base": base,
+                                   "records": records, "rows": report}, indent=1))
+    return Path(path)
+
+
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m calibration.quantize", description=__doc__.split("\n\n")[0])
@@ -327,22 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
     collected = AmaxTable.load(args.calib, models.config)
     records = load_records(args.calib)
-    table = collected
-    if args.calibrator == "modelopt" or (args.calibrator == "auto" and modelopt_available()):
-        table = calibrate_modelopt(models, records, collected.samples)
-        drift = max(abs(table.layers[n]["input"] - a["input"]) / a["input"] for n, a in collected.layers.items())
-        logger.info("ModelOpt calibration of %d layers; largest input-amax difference to collect's: %.2e",
-                    len(table.layers), drift)
-        table.save(args.calib)
+    table = recalibrate(models, collected, records, args.calib, args.calibrator)
     if args.report is not None:
         report = quality_report(models, table, records, args.samples, base=args.fp8_base)
-        logger.info("quality vs the fp32 DiT (%s amax, fp8 on %s):\n%s", table.source, args.fp8_base,
-                    format_report(report))
-        path = Path(args.report or Path(args.calib) / "quality.json")
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({"config": models.config.name, "amax_source": table.source,
-                                       "fp8_base": args.fp8_base, "records": len(records), "rows": report},
-                                      indent=1))
+        write_report(args.report or Path(args.calib) / "quality.json", models, table, len(records), report,
+                     args.fp8_base)
     if args.export:
         export_fp8_variant(args.export, models, table, args.fp8_base)
     return 0

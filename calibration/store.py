@@ -20,7 +20,7 @@ from PIL import Image
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.fp8 import FP8_E4M3_MAX
-from dynaip_trt.weights import atomic_path
+from dynaip_trt.files import atomic_path
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
 RECORDS_FILE = "dit_inputs.npz"

@@ -16,6 +16,7 @@ from typing import Any
 
 from .configs import DynaIPConfig
 from .errors import ManifestError
+from .files import atomic_path
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "dynaip-trt-manifest"
@@ -105,9 +106,8 @@ class Manifest:
     def save(self, directory: str | Path) -> Path:
         """Write ``manifest.json`` atomically (temp name, then rename)."""
         path = Path(directory) / MANIFEST_FILE
-        tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json())
         return path
 
     @classmethod

@@ -7,11 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,6 +16,7 @@ from safetensors.torch import save_file
 from .adapter import DynaIPAdapter
 from .configs import AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig, VaeConfig, VisionConfig
 from .errors import WeightsError
+from .files import atomic_path
 from .models import DynaIPModels, build_adapter, finalize
 from .text import load_tokenizer, save_tokenizer
 
@@ -30,25 +27,6 @@ ADAPTER_VERSION = "1"
 BASE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 CONFIG_FILE = "dynaip_config.json"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds (readers never see
-    a partial file; a failed block leaves the previous file in place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result gets the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_adapter(adapter: DynaIPAdapter, path: str | Path) -> Path:

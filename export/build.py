@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -31,7 +28,7 @@ from tqdm.auto import tqdm
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
 from dynaip_trt.manifest import Manifest
 from dynaip_trt.models import DynaIPModels
-from dynaip_trt.weights import atomic_path
+from dynaip_trt.files import atomic_path, staged_files
 
 from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, plan_engines, record_engines,
                       required_variants, system_section)
@@ -49,31 +46,22 @@ def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: i
     """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add ``dit.fp8.onnx`` to the
     build and write its quality report; returns the report (see :func:`calibration.quantize.quality_report`)."""
     from calibration.collect import collect
-    from calibration.quantize import (calibrate_modelopt, export_fp8_variant, format_report, modelopt_available,
-                                      quality_report, quantize_transformer)
+    from calibration.quantize import check_table, export_fp8_variant, quality_report, recalibrate, write_report
     from calibration.store import AmaxTable, load_records
 
     try:
         table = AmaxTable.load(calib_dir, models.config)
-        quantize_transformer(models.transformer, table)  # raises if the table was made for other weights
+        check_table(models.transformer, table)
         records = load_records(calib_dir)
         logger.info("reusing the calibration data in %s (%d records)", calib_dir, len(records))
     except ConfigError as e:
         logger.info("collecting calibration data in %s (%s)", calib_dir, e)
         table = collect(models, calib_dir, samples=samples, progress=progress)
         records = load_records(calib_dir)
-    if modelopt_available():
-        table = calibrate_modelopt(models, records, table.samples)
-        table.save(calib_dir)
-    else:
-        logger.info("NVIDIA ModelOpt is not installed: using the max calibration of calibration.collect")
+    table = recalibrate(models, table, records, calib_dir)
     export_fp8_variant(out_dir, models, table)
     report = quality_report(models, table, records, precisions=("fp16", "fp8"))
-    logger.info("FP8 quality vs the fp32 DiT on held-out requests (%s amax):\n%s", table.source,
-                format_report(report))
-    with atomic_path(out_dir / FP8_QUALITY_FILE) as tmp:
-        tmp.write_text(json.dumps({"config": models.config.name, "amax_source": table.source, "rows": report},
-                                  indent=1))
+    write_report(out_dir / FP8_QUALITY_FILE, models, table, len(records), report, "fp16")
     return report
 
 
@@ -91,13 +79,9 @@ def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbos
     the manifest. Raises :class:`BackendUnavailableError` without TensorRT's builder or a GPU."""
     builder = EngineBuilder(out_dir, verbose=verbose)
     manifest = Manifest.load(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=out_dir))
-    try:
-        built = [builder.build(p, staging) for p in tqdm(plans, desc=f"build {precision}", disable=not progress)]
-        for path in built:
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_files(out_dir, prefix=".engines-") as staging:
+        for plan in tqdm(plans, desc=f"build {precision}", disable=not progress):
+            builder.build(plan, staging)
     return record_engines(manifest, out_dir, plans, system_section(builder.trt), precision)
 
 

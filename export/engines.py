@@ -27,7 +27,7 @@ from typing import Any
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
 from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join, sha256_file
-from dynaip_trt.weights import atomic_path
+from dynaip_trt.files import atomic_path
 
 from .specs import SPECS, Envelope, get_spec
 

@@ -33,7 +33,7 @@ from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, 
 from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, ModelEntry, safe_join, sha256_file
 from dynaip_trt.metrics import report
 from dynaip_trt.models import DynaIPModels
-from dynaip_trt.weights import atomic_path
+from dynaip_trt.files import atomic_path
 from runtime.ort_backend import import_onnxruntime
 from runtime.trt_backend import INSTALL_HINT, check_profile, check_tensorrt_section, import_tensorrt
 

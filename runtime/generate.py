@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from dynaip_trt.errors import InputError, cli_main
-from dynaip_trt.weights import atomic_path
+from dynaip_trt.files import atomic_path
 
 from .engine import BACKENDS, DynaIPEngine
 
