@@ -28,25 +28,13 @@ from dynaip_trt.errors import ConfigError, cli_main
 from dynaip_trt.fp8 import fp8_layers
 from dynaip_trt.manifest import MODEL_IO
 from dynaip_trt.models import DynaIPModels
-from dynaip_trt.pipeline import DynaIPPipeline, TorchStages
+from dynaip_trt.pipeline import DynaIPPipeline, TorchStages, dit_feeds
 from export.onnx import build_family, configure_logging
 from export.wrappers import DiTStep
 
 from .store import AmaxTable, load_prompts, save_records, synthetic_reference
 
 logger = logging.getLogger("calibration.collect")
-
-
-def dit_feeds(latents: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-              guidance: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor, ref) -> dict[str, torch.Tensor]:
-    """A :meth:`Stages.dit` call as the exported DiT's flat inputs (masks ``[B, S, N]`` default to ones)."""
-    masks = ref.masks
-    if masks is None:
-        b, s = ref.scales.shape
-        masks = torch.ones(b, s, latents.shape[1], device=latents.device)
-    return {"latents": latents, "text_embeds": text, "pooled": pooled, "timestep": timestep, "guidance": guidance,
-            "img_ids": img_ids, "txt_ids": txt_ids, "img_k": ref.img_k, "img_v": ref.img_v, "scales": ref.scales,
-            "masks": masks}
 
 
 class FlatDiTStages(TorchStages):

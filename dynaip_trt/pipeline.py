@@ -57,6 +57,20 @@ class ReferenceKV:
         return self.img_k.shape[2]
 
 
+def dit_feeds(latents: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
+              guidance: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor, ref: ReferenceInputs
+              ) -> dict[str, torch.Tensor]:
+    """A :meth:`Stages.dit` call as the flat inputs of the exported DiT (``MODEL_IO["dit"]``): the image-branch
+    K/V, scales and masks of ``ref``; masks ``[B, S, N]`` default to ones (on ``latents``' device)."""
+    masks = ref.masks
+    if masks is None:
+        b, s = ref.scales.shape
+        masks = torch.ones(b, s, latents.shape[1], device=latents.device)
+    return {"latents": latents, "text_embeds": text, "pooled": pooled, "timestep": timestep, "guidance": guidance,
+            "img_ids": img_ids, "txt_ids": txt_ids, "img_k": ref.img_k, "img_v": ref.img_v, "scales": ref.scales,
+            "masks": masks}
+
+
 class Stages(Protocol):
     """What a backend provides. Tensors are torch tensors on ``device`` (float32 unless stated)."""
 

@@ -12,7 +12,7 @@ import torch
 from dynaip_trt.attention import ReferenceInputs
 from dynaip_trt.errors import ConfigError, InputError, ManifestError
 from dynaip_trt.manifest import MODEL_IO, Manifest, ModelEntry
-from dynaip_trt.pipeline import ReferenceKV
+from dynaip_trt.pipeline import ReferenceKV, dit_feeds
 from dynaip_trt.text import ByteTokenizer, HFTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -126,15 +126,7 @@ class ExportedStages:
         """Packed latents ``[B, N, 64]`` -> velocity ``[B, N, 64]``; masks ``[B, S, N]`` default to ones."""
         if ref.txt_k is not None or ref.block_scales is not None:
             raise InputError(TEXT_BRANCH_MESSAGE + " (and per-block scales)")
-        masks = ref.masks
-        if masks is None:
-            b, s = ref.scales.shape
-            masks = torch.ones(b, s, latents.shape[1], device=self.device)
-        return self.run("dit", {
-            "latents": latents, "text_embeds": text, "pooled": pooled, "timestep": timestep, "guidance": guidance,
-            "img_ids": img_ids, "txt_ids": txt_ids, "img_k": ref.img_k, "img_v": ref.img_v, "scales": ref.scales,
-            "masks": masks,
-        })[0]
+        return self.run("dit", dit_feeds(latents, text, pooled, timestep, guidance, img_ids, txt_ids, ref))[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unpacked latents ``[B, 16, h, w]`` -> images ``[B, 3, 8h, 8w]`` in [-1, 1]."""
