@@ -35,7 +35,7 @@ from dynaip_trt.metrics import report
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.files import atomic_path
 from runtime.ort_backend import import_onnxruntime
-from runtime.trt_backend import INSTALL_HINT, check_profile, check_tensorrt_section, import_tensorrt
+from runtime.trt_backend import check_profile, check_tensorrt_section, import_tensorrt, import_tensorrt_gpu
 
 from .onnx import configure_logging
 from .specs import Envelope, get_spec
@@ -193,11 +193,9 @@ def run_tensorrt(path: Path, feeds: Arrays) -> Arrays:
 def tensorrt_unavailable() -> str | None:
     """Why TensorRT engines cannot run here (no ``tensorrt`` module, no GPU), or ``None`` when they can."""
     try:
-        import_tensorrt()
+        import_tensorrt_gpu()
     except BackendUnavailableError as e:
         return str(e)
-    if not torch.cuda.is_available():
-        return f"the tensorrt backend needs an NVIDIA GPU and none is visible: {INSTALL_HINT}"
     return None
 
 

@@ -48,6 +48,15 @@ def import_tensorrt():
     return tensorrt
 
 
+def import_tensorrt_gpu():
+    """``tensorrt`` when it and an NVIDIA GPU are present; otherwise :class:`BackendUnavailableError` naming what
+    is missing."""
+    trt = import_tensorrt()
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(f"the tensorrt backend needs an NVIDIA GPU and none is visible: {INSTALL_HINT}")
+    return trt
+
+
 def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu_name: str,
                            capability: tuple[int, int], directory: str | Path) -> None:
     """Compare a manifest's ``tensorrt`` section with the running system (see the module docstring).
@@ -239,10 +248,7 @@ class TrtStages(ExportedStages):
 
     def __init__(self, directory: str | Path, manifest: Manifest | None = None, device: str | torch.device = "cuda",
                  cuda_graphs: bool = True, max_graphs: int = 4):
-        trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"the tensorrt backend needs an NVIDIA GPU and none is visible: "
-                                          f"{INSTALL_HINT}")
+        trt = import_tensorrt_gpu()
         device = torch.device(device)
         if device.type != "cuda":
             raise ConfigError(f"the tensorrt backend runs on a CUDA device, not {device}")
