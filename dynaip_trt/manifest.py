@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .configs import DynaIPConfig
-from .errors import ManifestError
+from .errors import InputError, ManifestError
 from .files import atomic_path
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "dynaip-trt-manifest"
@@ -150,3 +153,72 @@ class Manifest:
                 if sha256_file(p) != digest:
                     raise ManifestError(f"{name}: file {rel} does not match its manifest hash (truncated, "
                                         f"tampered with, or from another build); re-run the export")
+
+
+def max_subjects_of(manifest: Manifest) -> int:
+    """Largest subject count the build serves: the manifest's ``max_subjects``, capped by the DiT profile."""
+    limit = manifest.max_subjects
+    dit = manifest.models.get("dit")
+    if dit is not None and "scales" in dit.profile:
+        limit = min(limit, int(dit.profile["scales"]["max"][1]))
+    return limit
+
+
+def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu_name: str,
+                           capability: tuple[int, int], directory: str | Path) -> None:
+    """Compare a manifest's ``tensorrt`` section with the running system (see the module docstring).
+
+    Raises :class:`ManifestError` when the section is missing or incomplete, or the TensorRT version or the
+    GPU's compute capability differ from what the engines were built with.
+    """
+    if not section:
+        raise ManifestError(f"{directory} has no TensorRT engines (its manifest has no 'tensorrt' section); build "
+                            f"them with python -m export.build")
+    missing = [k for k in ("version", "gpu", "compute_capability") if k not in section]
+    if missing:
+        raise ManifestError(f"{directory}: the manifest's tensorrt section lacks {missing}; rebuild the engines")
+    if str(section["version"]) != trt_version:
+        raise ManifestError(f"{directory}: the engines were built with TensorRT {section['version']} but TensorRT "
+                            f"{trt_version} is installed; rebuild them (python -m export.build) or install "
+                            f"tensorrt=={section['version']}")
+    built_cc = tuple(int(v) for v in section["compute_capability"])
+    if built_cc != tuple(capability):
+        raise ManifestError(f"{directory}: the engines were built for a {section['gpu']} (compute capability "
+                            f"{built_cc[0]}.{built_cc[1]}) but this GPU is a {gpu_name} (compute capability "
+                            f"{capability[0]}.{capability[1]}); rebuild them on this GPU")
+    if section["gpu"] != gpu_name:
+        logger.warning("engines in %s were built on a %s and run on a %s (same compute capability): they work, "
+                       "but rebuilding on this GPU may be faster", directory, section["gpu"], gpu_name)
+
+
+def check_engine_sources(manifest: Manifest, directory: str | Path) -> None:
+    """Every engine must have been built from the graph the manifest lists now: the ``tensorrt.engines`` plan of
+    each model records its source ONNX and hash (``export.build``). A graph re-exported or re-quantized after the
+    build makes the engine stale: :class:`ManifestError` naming the model and what to rebuild."""
+    plans = (manifest.tensorrt or {}).get("engines", {})
+    for name, entry in manifest.models.items():
+        if not entry.engine:
+            continue
+        plan = plans.get(name)
+        if plan is None or "onnx" not in plan or "onnx_sha256" not in plan:
+            raise ManifestError(f"{directory}: the manifest does not say which graph the {name} engine was built "
+                                f"from; rebuild the engines (python -m export.build)")
+        current = entry.files.get(plan["onnx"])
+        if current != plan["onnx_sha256"]:
+            state = "is no longer in the build" if current is None else "changed since"
+            raise ManifestError(f"{directory}: the {name} engine is stale: its source graph {plan['onnx']} {state} "
+                                f"the engine was built; rebuild the engines (python -m export.build)")
+
+
+def check_profile(model: str, profile: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every input shape must lie within the engine's profile (min..max per axis); otherwise :class:`InputError`
+    naming the model, the input, its shape and the allowed range."""
+    for name, shape in shapes.items():
+        prof = profile.get(name)
+        if prof is None:
+            continue
+        lo, hi = prof["min"], prof["max"]
+        if len(shape) != len(lo) or any(not a <= d <= b for d, a, b in zip(shape, lo, hi)):
+            raise InputError(f"{model}: input {name} of shape {list(shape)} is outside the engine's profile "
+                             f"(min {lo}, max {hi}); rebuild the engines for this batch/resolution "
+                             f"(python -m export.build --batch/--resolutions/--max-subjects)")

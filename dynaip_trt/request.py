@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,37 @@ from .images import ImageLike, load_image
 MAX_SIDE = 4096
 MAX_SCALE = 10.0
 MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """One generation request: what :meth:`runtime.DynaIPEngine.generate` takes, as data (the HTTP API's schema
+    follows these fields, so an option added here appears there too).
+
+    Attributes:
+        prompt: the text prompt.
+        references: one image (path or PIL image) or a list of views per subject.
+        scales: one scale for every subject or one per subject, each in [0, 10].
+        granularity: CLIP level weights (``L`` values, or ``[S][L]``), renormalised to sum 1 per subject; ``None``
+            lets the router decide.
+        masks: per-subject regions (``(H, W)`` pixels or ``(H/16, W/16)`` tokens, values in [0, 1]) or ``None``.
+        block_scales: image-branch multiplier per injected block (``None``: ones).
+        steps, guidance, height, width, seed: sampling settings (``None``: the config's defaults).
+        text_branch: DDS schedule keeping the text-branch injection for the first steps (torch backend only).
+    """
+
+    prompt: str
+    references: Sequence[ImageLike | Sequence[ImageLike]]
+    scales: float | Sequence[float] = 1.0
+    granularity: Sequence[float] | Sequence[Sequence[float]] | None = None
+    masks: Sequence[Any] | None = None
+    block_scales: Sequence[float] | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = None
+    text_branch: "TextBranchSchedule | None" = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from dynaip_trt.metrics import report
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.files import atomic_path
 from runtime.ort_backend import import_onnxruntime
-from runtime.trt_backend import check_profile, check_tensorrt_section, import_tensorrt, import_tensorrt_gpu
+from dynaip_trt.manifest import check_profile, check_tensorrt_section
+from runtime.trt_backend import import_tensorrt, import_tensorrt_gpu
 
 from .onnx import configure_logging
 from .specs import Envelope, get_spec

@@ -13,9 +13,9 @@ from .engine import BACKENDS, DynaIPEngine
 from .exported import ExportedStages
 from .ort_backend import OrtStages
 from .torch_backend import TorchGraphStages
-from .trt_backend import TrtEngine, TrtStages, check_tensorrt_section
+from .trt_backend import TrtEngine, TrtStages
 
 __all__ = [
     "BACKENDS", "CapturedGraph", "DynaIPEngine", "ExportedStages", "GraphCache", "OrtStages", "TorchGraphStages",
-    "TrtEngine", "TrtStages", "capture_graph", "check_tensorrt_section", "ensure_free_memory",
+    "TrtEngine", "TrtStages", "capture_graph", "ensure_free_memory",
 ]

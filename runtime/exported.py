@@ -21,15 +21,6 @@ TEXT_BRANCH_MESSAGE = ("text-branch (DDS schedule) injection needs the torch bac
                        "image branch only")
 
 
-def max_subjects_of(manifest: Manifest) -> int:
-    """Largest subject count the build serves: the manifest's ``max_subjects``, capped by the DiT profile."""
-    limit = manifest.max_subjects
-    dit = manifest.models.get("dit")
-    if dit is not None and "scales" in dit.profile:
-        limit = min(limit, int(dit.profile["scales"]["max"][1]))
-    return limit
-
-
 def model_file(entry: ModelEntry, name: str, precision: str) -> str:
     """The ONNX file of ``entry`` in ``precision``: the main graph, or a variant listed in the manifest."""
     if precision == entry.precision:

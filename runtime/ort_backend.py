@@ -17,7 +17,9 @@ import torch
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, ManifestError
 from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join
 
-from .exported import ExportedStages, max_subjects_of, require_models, select_files
+from dynaip_trt.manifest import max_subjects_of
+
+from .exported import ExportedStages, require_models, select_files
 
 logger = logging.getLogger(__name__)
 

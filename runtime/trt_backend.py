@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join
+from dynaip_trt.manifest import MODEL_IO, Manifest, check_engine_sources, check_profile, check_tensorrt_section, \
+    max_subjects_of, safe_join
 
 from .cuda_graphs import GraphCache, capture_graph, ensure_free_memory, shape_key, stream_scope, tensor_bytes
-from .exported import ExportedStages, max_subjects_of, require_models
+from .exported import ExportedStages, require_models
 
 logger = logging.getLogger(__name__)
 
@@ -55,66 +56,6 @@ def import_tensorrt_gpu():
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"the tensorrt backend needs an NVIDIA GPU and none is visible: {INSTALL_HINT}")
     return trt
-
-
-def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu_name: str,
-                           capability: tuple[int, int], directory: str | Path) -> None:
-    """Compare a manifest's ``tensorrt`` section with the running system (see the module docstring).
-
-    Raises :class:`ManifestError` when the section is missing or incomplete, or the TensorRT version or the
-    GPU's compute capability differ from what the engines were built with.
-    """
-    if not section:
-        raise ManifestError(f"{directory} has no TensorRT engines (its manifest has no 'tensorrt' section); build "
-                            f"them with python -m export.build")
-    missing = [k for k in ("version", "gpu", "compute_capability") if k not in section]
-    if missing:
-        raise ManifestError(f"{directory}: the manifest's tensorrt section lacks {missing}; rebuild the engines")
-    if str(section["version"]) != trt_version:
-        raise ManifestError(f"{directory}: the engines were built with TensorRT {section['version']} but TensorRT "
-                            f"{trt_version} is installed; rebuild them (python -m export.build) or install "
-                            f"tensorrt=={section['version']}")
-    built_cc = tuple(int(v) for v in section["compute_capability"])
-    if built_cc != tuple(capability):
-        raise ManifestError(f"{directory}: the engines were built for a {section['gpu']} (compute capability "
-                            f"{built_cc[0]}.{built_cc[1]}) but this GPU is a {gpu_name} (compute capability "
-                            f"{capability[0]}.{capability[1]}); rebuild them on this GPU")
-    if section["gpu"] != gpu_name:
-        logger.warning("engines in %s were built on a %s and run on a %s (same compute capability): they work, "
-                       "but rebuilding on this GPU may be faster", directory, section["gpu"], gpu_name)
-
-
-def check_engine_sources(manifest: Manifest, directory: str | Path) -> None:
-    """Every engine must have been built from the graph the manifest lists now: the ``tensorrt.engines`` plan of
-    each model records its source ONNX and hash (``export.build``). A graph re-exported or re-quantized after the
-    build makes the engine stale: :class:`ManifestError` naming the model and what to rebuild."""
-    plans = (manifest.tensorrt or {}).get("engines", {})
-    for name, entry in manifest.models.items():
-        if not entry.engine:
-            continue
-        plan = plans.get(name)
-        if plan is None or "onnx" not in plan or "onnx_sha256" not in plan:
-            raise ManifestError(f"{directory}: the manifest does not say which graph the {name} engine was built "
-                                f"from; rebuild the engines (python -m export.build)")
-        current = entry.files.get(plan["onnx"])
-        if current != plan["onnx_sha256"]:
-            state = "is no longer in the build" if current is None else "changed since"
-            raise ManifestError(f"{directory}: the {name} engine is stale: its source graph {plan['onnx']} {state} "
-                                f"the engine was built; rebuild the engines (python -m export.build)")
-
-
-def check_profile(model: str, profile: dict[str, dict[str, list[int]]], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Every input shape must lie within the engine's profile (min..max per axis); otherwise :class:`InputError`
-    naming the model, the input, its shape and the allowed range."""
-    for name, shape in shapes.items():
-        prof = profile.get(name)
-        if prof is None:
-            continue
-        lo, hi = prof["min"], prof["max"]
-        if len(shape) != len(lo) or any(not a <= d <= b for d, a, b in zip(shape, lo, hi)):
-            raise InputError(f"{model}: input {name} of shape {list(shape)} is outside the engine's profile "
-                             f"(min {lo}, max {hi}); rebuild the engines for this batch/resolution "
-                             f"(python -m export.build --batch/--resolutions/--max-subjects)")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
 from export import build
 from export.engines import EngineBuilder, EngineBuildError, graph_precision, plan_engines, required_variants
 from export.specs import Envelope
-from runtime.trt_backend import check_engine_sources, check_tensorrt_section
+from dynaip_trt.manifest import check_engine_sources, check_tensorrt_section
 
 from conftest import captured_logs, working_directory
 

@@ -16,8 +16,8 @@ from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, 
 from dynaip_trt.metrics import max_abs
 from dynaip_trt.pipeline import DynaIPPipeline
 from runtime import DynaIPEngine, GraphCache, ensure_free_memory
-from runtime.exported import max_subjects_of, select_files
-from runtime.trt_backend import check_profile, check_tensorrt_section
+from dynaip_trt.manifest import check_profile, check_tensorrt_section, max_subjects_of
+from runtime.exported import select_files
 
 TRT_SECTION = {"version": "10.8.0.43", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}
 
