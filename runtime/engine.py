@@ -11,7 +11,9 @@ threads, and the device/stream scope GPU backends need around every call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -21,22 +23,26 @@ import torch
 from PIL import Image
 
 from dynaip_trt.configs import DynaIPConfig, get_config
-from dynaip_trt.errors import BackendUnavailableError, ConfigError
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError
 from dynaip_trt.fp8 import quantize_fp8_
 from dynaip_trt.images import ImageLike
 from dynaip_trt.manifest import Manifest
 from dynaip_trt.models import DynaIPModels, build_models
 from dynaip_trt.pipeline import DynaIPPipeline, ReferenceKV, Stages
-from dynaip_trt.request import TextBranchSchedule, check_backend
+from dynaip_trt.request import (GenerationRequest, TextBranchSchedule, check_backend, normalize_granularity,
+                                normalize_references, request_defaults)
 from dynaip_trt.text import ByteTokenizer, HFTokenizer
 from dynaip_trt.weights import load_models
 
+from .build_info import max_batch_of
+from .cache import ByteLRU
 from .exported import build_tokenizers
 from .torch_backend import TorchGraphStages, place_models
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
+DEFAULT_CACHE_BYTES = 256 << 20  # per cache (reference K/V, prompt embeddings)
 F = TypeVar("F", bound=Callable)
 
 
@@ -68,16 +74,21 @@ class DynaIPEngine(DynaIPPipeline):
     """
 
     def __init__(self, config: DynaIPConfig, stages: Stages, clip_tokenizer: ByteTokenizer | HFTokenizer,
-                 t5_tokenizer: ByteTokenizer | HFTokenizer, backend: str, cache_size: int = 32):
-        super().__init__(config, stages, clip_tokenizer, t5_tokenizer, cache_size)
+                 t5_tokenizer: ByteTokenizer | HFTokenizer, backend: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 identity: str = "", max_batch: int = 1):
+        super().__init__(config, stages, clip_tokenizer, t5_tokenizer, cache_size=0)  # the ByteLRUs below cache
         self.backend = backend
+        self.identity = identity or f"{backend}:{config.name}"  # in every cache key: the build these results are of
+        self.max_batch = max_batch
+        self._references: ByteLRU = ByteLRU(cache_bytes, "references")
+        self._prompts: ByteLRU = ByteLRU(cache_bytes, "prompts")
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
     def from_dir(cls, path: str | Path, backend: str = "tensorrt", device: str | torch.device | None = None,
-                 precision: str = "fp32", providers: Sequence[str] | None = None, cuda_graphs: bool = True
-                 ) -> "DynaIPEngine":
+                 precision: str = "fp32", providers: Sequence[str] | None = None, cuda_graphs: bool = True,
+                 threads: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "DynaIPEngine":
         """Load a build directory (``manifest.json`` + the files it lists; hashes verified before loading).
 
         Args:
@@ -88,6 +99,9 @@ class DynaIPEngine(DynaIPPipeline):
             precision: ONNX Runtime: ``"fp32"`` or a variant the manifest lists (``"fp16"``).
             providers: ONNX Runtime execution providers, overriding ``device``.
             cuda_graphs: TensorRT: replay the DiT step from a CUDA graph per bucket.
+            threads: ONNX Runtime intra-op threads per session (0: ONNX Runtime's default), so each replica of a
+                server gets its own CPU budget.
+            cache_bytes: byte budget of each cache (reference K/V, prompt embeddings).
         """
         check_backend(backend, BACKENDS)
         if backend == "torch":
@@ -101,7 +115,7 @@ class DynaIPEngine(DynaIPPipeline):
                 dev = torch.device(device)
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if dev.type == "cuda" else [
                     "CPUExecutionProvider"]
-            stages: Stages = OrtStages(path, manifest, providers=providers, precision=precision)
+            stages: Stages = OrtStages(path, manifest, providers=providers, precision=precision, threads=threads)
         else:
             from .trt_backend import TrtStages
 
@@ -110,7 +124,9 @@ class DynaIPEngine(DynaIPPipeline):
                                   "precision= applies to the onnxruntime backend")
             stages = TrtStages(path, manifest, device=device or "cuda", cuda_graphs=cuda_graphs)
         clip_tok, t5_tok = build_tokenizers(path)
-        return cls(manifest.dynaip_config, stages, clip_tok, t5_tok, backend)
+        identity = hashlib.sha256(f"{backend}:{precision}:{manifest.to_json()}".encode()).hexdigest()[:16]
+        return cls(manifest.dynaip_config, stages, clip_tok, t5_tok, backend, cache_bytes=cache_bytes,
+                   identity=identity, max_batch=max_batch_of(manifest))
 
     @classmethod
     def from_models(cls, models: DynaIPModels, cuda_graphs: bool = True, fp8: bool = False) -> "DynaIPEngine":
@@ -165,15 +181,66 @@ class DynaIPEngine(DynaIPPipeline):
         return stack
 
     __call__ = _locked(DynaIPPipeline.__call__)
-    encode_references = _locked(DynaIPPipeline.encode_references)
-    encode_prompt = _locked(DynaIPPipeline.encode_prompt)
     denoise = _locked(DynaIPPipeline.denoise)
     decode = _locked(DynaIPPipeline.decode)
 
+    @_locked
+    def encode_references(self, references: Sequence[ImageLike | Sequence[ImageLike]], granularity=None,
+                          text_branch: bool = False) -> ReferenceKV:
+        """:meth:`DynaIPPipeline.encode_references` behind a byte-bounded LRU keyed by the images' content, the
+        level weights, the text branch and the build's identity."""
+        subjects = normalize_references(references, self.stages.max_subjects)
+        lw = normalize_granularity(granularity, len(subjects), self.config.adapter.num_levels)
+        key = (self.identity, self._cache_key(subjects, lw, text_branch))
+        ref = self._references.get(key)
+        if ref is None:
+            ref = DynaIPPipeline.encode_references(self, subjects, granularity, text_branch)
+            self._references.put(key, ref)
+        return ref
+
+    @_locked
+    def encode_prompt(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`DynaIPPipeline.encode_prompt` behind a byte-bounded LRU keyed by the prompts and the build."""
+        key = (self.identity, (prompts,) if isinstance(prompts, str) else tuple(prompts))
+        out = self._prompts.get(key)
+        if out is None:
+            out = DynaIPPipeline.encode_prompt(self, prompts)
+            self._prompts.put(key, out)
+        return out
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """``{"references": {"hits", "misses", "bytes", "entries", ...}, "prompts": {...}}``."""
+        return {"references": self._references.stats(), "prompts": self._prompts.stats()}
+
     def clear_reference_cache(self) -> None:
         """Forget every cached reference encoding (the next request runs CLIP and the fusion module again)."""
-        with self._lock:
-            self._cache.clear()
+        self._references.clear()
+
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """What requests generated together must share: subject count, steps, guidance, height, width (defaults
+        filled in and validated)."""
+        steps, guidance, height, width = request_defaults(self.config, request.steps, request.guidance,
+                                                          request.height, request.width)
+        subjects = len(request.references) if isinstance(request.references, (list, tuple)) else 0
+        return subjects, steps, guidance, height, width
+
+    @_locked
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Image.Image]:
+        """One image per request; the requests must share :meth:`batch_key` (``InputError`` otherwise) and number
+        at most :attr:`max_batch`. Each image equals ``generate`` of its request alone (same seed, same image)."""
+        keys = {self.batch_key(r) for r in requests}
+        if len(keys) > 1:
+            raise InputError(f"generate_batch: requests differ in subjects/steps/guidance/height/width {sorted(keys)}; "
+                             f"batch only requests with the same batch_key")
+        if len(requests) > self.max_batch:
+            raise InputError(f"generate_batch: {len(requests)} requests; this build batches at most {self.max_batch}")
+        images = []
+        for r in requests:
+            options = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+            if options.pop("block_scales") is not None:
+                raise InputError("block_scales: per-block image scales are not supported by this engine")
+            images.extend(self.generate(**options))
+        return images
 
     def generate(self, prompt: str | Sequence[str],
                  references: Sequence[ImageLike | Sequence[ImageLike]] | ReferenceKV,
