@@ -171,16 +171,18 @@ def _settings(args: argparse.Namespace, plan: Plan):
         log_level="DEBUG" if args.verbose else "INFO")
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> None:
-    """Join ``address``, or start a local instance bound to the loopback address (no dashboard)."""
+def start_ray(address: str | None, num_cpus: int | None) -> int | None:
+    """Join ``address``, or start a local instance bound to the loopback address (no dashboard). Returns the port
+    of this node's Prometheus metrics endpoint (local instance only)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
-    else:
+    if address is not None:
         ray.init(address=address, logging_level=logging.WARNING)
+        return None
+    context = ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                       logging_level=logging.WARNING)
+    return context.address_info.get("metrics_export_port")
 
 
 def deploy(args: argparse.Namespace, plan: Plan) -> str:
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     plan = check_args(args)
-    start_ray(args.address, args.num_cpus)
+    metrics_port = start_ray(args.address, args.num_cpus)
     started_ray = args.address is None
     try:
         try:
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{plan.min_replicas or 1}..{plan.max_replicas} model replicas (autoscaling)")
         print(f"DynaIP serving {args.engine_dir} at {url} ({replicas}, {plan.backend}, {plan.threads} thread(s) "
               f"each; API docs: {url}docs). Stop with Ctrl-C.", flush=True)
+        if metrics_port:
+            print(f"Prometheus metrics of this node: http://127.0.0.1:{metrics_port}/metrics", flush=True)
         signum = wait_for_signal()
         logger.info("%s received: shutting down", signal.Signals(signum).name)
     finally:
