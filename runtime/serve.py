@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retry-after", type=float, default=1.0, help="seconds, the Retry-After of a 503")
     p.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas")
     p.add_argument("--app-name", default="dynaip", help="Ray Serve application name")
+    p.add_argument("--deploy-timeout", type=float, default=600.0, help="seconds for every replica to start (engine "
+                   "loading included); then the command stops with the deployment's status")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -100,7 +103,8 @@ def check_args(args: argparse.Namespace) -> Plan:
                              ("--cache-mb", args.cache_mb, 0), ("--max-body-mb", args.max_body_mb, 1 / 1024),
                              ("--request-timeout", args.request_timeout, 0.1), ("--retries", args.retries, 0),
                              ("--max-queued", args.max_queued, 1), ("--retry-after", args.retry_after, 0),
-                             ("--ingress-replicas", args.ingress_replicas, 1), ("--num-cpus", args.num_cpus, 1)):
+                             ("--ingress-replicas", args.ingress_replicas, 1), ("--num-cpus", args.num_cpus, 1),
+                             ("--deploy-timeout", args.deploy_timeout, 1)):
         _check_range(flag, value, low)
     _check_range("--port", args.port, 1, 65535)
     if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
@@ -143,6 +147,9 @@ def check_args(args: argparse.Namespace) -> Plan:
     cpus = args.num_cpus or os.cpu_count() or 1
     threads = args.threads if args.threads is not None else 0 if args.device == "cuda" else max(1, cpus // most)
     if args.address is None:
+        if args.device == "cpu" and most * max(1, threads) > cpus:
+            raise InputError(f"{most} model replica(s) x --threads {threads} need {most * threads} CPUs; the local "
+                             f"Ray instance has {cpus} (lower --threads or the replica count, or set --num-cpus)")
         _check_port_free(args.host, args.port)
     return Plan(replicas=None if args.max_replicas else (args.replicas or 1), min_replicas=args.min_replicas,
                 max_replicas=args.max_replicas, backend=backend, threads=threads,
@@ -185,8 +192,13 @@ def start_ray(address: str | None, num_cpus: int | None) -> int | None:
     return context.address_info.get("metrics_export_port")
 
 
+class DeployError(RuntimeError):
+    """The application did not reach RUNNING (a replica failed to start, or could not be scheduled in time)."""
+
+
 def deploy(args: argparse.Namespace, plan: Plan) -> str:
-    """Start Serve's HTTP proxy and run the application; returns the URL."""
+    """Start Serve's HTTP proxy, run the application and wait (at most ``--deploy-timeout``) until every replica is
+    running; returns the URL. :class:`DeployError` says what went wrong."""
     from ray import serve
 
     from .serve_app import build_app
@@ -196,9 +208,29 @@ def deploy(args: argparse.Namespace, plan: Plan) -> str:
                               "request_timeout_s": settings.request_timeout_s + 10.0})  # backstop of the ingress's
     app = build_app(settings, plan.summary, replicas=plan.replicas, min_replicas=plan.min_replicas,
                     max_replicas=plan.max_replicas, ingress_replicas=args.ingress_replicas)
-    serve.run(app, name=args.app_name, route_prefix="/")
+    serve.run_many([serve.RunTarget(target=app, name=args.app_name, route_prefix="/")],
+                   wait_for_applications_running=False)
+    deadline = time.monotonic() + args.deploy_timeout
+    while True:
+        status = serve.status().applications.get(args.app_name)
+        if status is not None and status.status == "RUNNING":
+            break
+        problems = [] if status is None else [status.message] + [d.message for d in status.deployments.values()]
+        problem = _last_error([p for p in problems if p]) or "no status message"
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise DeployError(problem)
+        if time.monotonic() > deadline:
+            raise DeployError(f"not running after --deploy-timeout {args.deploy_timeout:g} s: {problem}")
+        time.sleep(1.0)
     host = f"[{args.host}]" if ":" in args.host else args.host
     return f"http://{host}:{args.port}/"
+
+
+def _last_error(messages: list[str]) -> str:
+    """One line from Serve's status messages: the last line naming an error (a replica constructor's exception),
+    else the first line."""
+    lines = [ln.strip() for m in messages for ln in m.splitlines() if ln.strip()]
+    return next((ln for ln in reversed(lines) if "Error" in ln), lines[0] if lines else "")
 
 
 def shutdown(app_name: str, started_ray: bool) -> None:
@@ -241,10 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             url = deploy(args, plan)
-        except RuntimeError as e:  # Serve's "Deploying application ... failed": the replica's error is in there
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else repr(e))
-            logger.error("deploying the application failed: %s", cause.strip())
+        except DeployError as e:
+            logger.error("deploying the application failed: %s", e)
             return 1
         replicas = (f"{plan.replicas} model replica(s)" if plan.replicas else
                     f"{plan.min_replicas or 1}..{plan.max_replicas} model replicas (autoscaling)")

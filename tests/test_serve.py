@@ -171,6 +171,40 @@ def test_cli_checks_arguments_without_starting_ray(tmp_path):
     assert help_out.returncode == 0 and "--min-replicas" in help_out.stdout and "--request-timeout" in help_out.stdout
 
 
+def test_loadtest_counts_errors_and_refuses_bad_arguments(tmp_path, capsys, caplog):
+    from runtime.loadtest import main
+
+    assert main(["--url", f"http://127.0.0.1:{_free_port()}", "--requests", "3", "--concurrency", "2",
+                 "--timeout", "5"]) == 1  # nothing listens there
+    printed = capsys.readouterr().out
+    assert "requests: 3 sent, 0 ok, 3 failed" in printed and "statuses: 0 x3" in printed
+    for argv, message in ((["--url", "ftp://x", "--requests", "1", "--concurrency", "1"], "--url ftp://x"),
+                          (["--url", "http://x", "--requests", "0", "--concurrency", "1"], "--requests 0"),
+                          (["--url", "http://x", "--requests", "1", "--concurrency", "1", "--ref",
+                            str(tmp_path / "no.png")], "no such file"),
+                          (["--url", "http://x", "--requests", "1", "--concurrency", "1", "--json",
+                            str(tmp_path / "no" / "r.json")], "does not exist")):
+        caplog.clear()
+        assert main(argv) == 2
+        assert message in caplog.records[-1].getMessage()
+
+
+def test_serve_benchmark_table_and_fail_fast(tmp_path, caplog):
+    from runtime.loadtest import LoadResult
+    from runtime.serve_benchmark import main, table
+
+    rows = [(1, 2, LoadResult(10, 10, 5.0, [0.1] * 10, {200: 10})),
+            (2, 1, LoadResult(10, 10, 2.5, [0.2] * 10, {200: 10}))]
+    text = table(rows)
+    assert "| 1 | 2 | 10 / 10 | 2.00 |" in text and text.endswith("| 2 | 1 | 10 / 10 | 4.00 | 0.200 | 0.200 | 0.200 "
+                                                                   "| 2.00x |")
+    for argv, message in ((["--engine-dir", str(tmp_path / "nope")], "no such directory"),
+                          (["--engine-dir", str(tmp_path), "--replicas", "1,x"], "comma-separated counts")):
+        caplog.clear()
+        assert main(argv) == 2
+        assert message in caplog.records[-1].getMessage()
+
+
 # ----------------------------------------------------------------------------- the ingress's failure handling
 class _Metric:
     def observe(self, *a, **k): ...
@@ -542,6 +576,18 @@ def test_prometheus_metrics(server):
     assert total > singles, batch  # some batches held several requests
     hits = [float(v) for v in re.findall(r'ray_dynaip_cache_hit_rate\{[^}]*cache="references"[^}]*\} (\S+)', text)]
     assert hits and max(hits) > 0.5  # the same references every request: encoded once per replica
+
+
+def test_loadtest_cli_against_the_server(server, tmp_path, capsys):
+    from runtime.loadtest import main
+
+    out = tmp_path / "load.json"
+    assert main(["--url", server.url, "--requests", "6", "--concurrency", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "requests: 6 sent, 6 ok, 0 failed" in printed and "latency of ok requests: p50" in printed
+    result = json.loads(out.read_text())
+    assert (result["ok"], result["statuses"], result["concurrency"]) == (6, {"200": 6}, 3)
+    assert 0 < result["p50_s"] <= result["p95_s"] <= result["p99_s"] and result["throughput_rps"] > 0
 
 
 def test_shutdown_leaves_no_ray_process(server):
