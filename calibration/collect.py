@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynaip_trt.errors import ConfigError, cli_main
+from dynaip_trt.files import claim_dir
 from dynaip_trt.fp8 import fp8_layers
 from dynaip_trt.manifest import MODEL_IO
 from dynaip_trt.models import DynaIPModels
@@ -32,7 +33,7 @@ from dynaip_trt.pipeline import DynaIPPipeline, TorchStages, dit_feeds
 from export.onnx import build_family, configure_logging
 from export.wrappers import DiTStep
 
-from .store import AmaxTable, load_prompts, save_records, synthetic_reference
+from .store import AmaxTable, load_prompts, owned_files, save_records, synthetic_reference
 
 logger = logging.getLogger("calibration.collect")
 
@@ -107,9 +108,11 @@ def record_steps(steps: int, count: int) -> tuple[int, ...]:
 
 
 def collect(models: DynaIPModels, out_dir: str | Path, samples: int = 8, steps_recorded: int = 4, seed: int = 0,
-            prompts: list[str] | None = None, progress: bool = True) -> AmaxTable:
+            prompts: list[str] | None = None, progress: bool = True, what: str | None = None) -> AmaxTable:
     """Run the reference pipeline on ``samples`` calibration requests; write ``dit_inputs.npz`` and ``amax.json``
-    to ``out_dir`` and return the amax table."""
+    to ``out_dir`` and return the amax table. ``out_dir`` must be new, empty or a calibration folder of ours
+    (:class:`~dynaip_trt.errors.OutputError` naming it as ``what`` otherwise, before any work)."""
+    out_dir = claim_dir(out_dir, owned_files, what or f"out_dir={str(out_dir)!r}")
     cfg = models.config
     prompts = fitted_prompts(models, prompts)
     steps = record_steps(cfg.steps, steps_recorded)
@@ -124,7 +127,6 @@ def collect(models: DynaIPModels, out_dir: str | Path, samples: int = 8, steps_r
     table = AmaxTable(config=cfg.name, source="max-hooks", samples=samples, records=len(stages.records),
                       layers={n: {"input": amax[n], "weight": float(layers[n].weight.detach().abs().max())}
                               for n in layers})
-    out_dir = Path(out_dir)
     save_records(out_dir, stages.records)
     table.save(out_dir)
     logger.info("recorded %d DiT inputs (steps %s of %d samples) and the amax of %d linear layers in %s",
@@ -148,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     if args.samples < 1 or args.record_steps < 1:
         raise ConfigError("--samples and --record-steps must be >= 1")
+    if args.out:  # before loading any model: nothing of the user's may be replaced
+        claim_dir(args.out, owned_files, f"--out {args.out}")
     models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
-    collect(models, args.out or f"calib/{models.config.name}", args.samples, args.record_steps, args.seed)
+    out = args.out or f"calib/{models.config.name}"
+    collect(models, out, args.samples, args.record_steps, args.seed, what=f"--out {out}")
     return 0
 
 

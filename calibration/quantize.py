@@ -48,7 +48,7 @@ from export.onnx import (TORCH_DTYPES, GraphCheckError, add_variant, build_famil
 from export.specs import DiTSpec
 from export.wrappers import CastIO, DiTStep
 
-from .store import AmaxTable, load_records
+from .store import QUALITY_FILE, AmaxTable, load_records
 
 logger = logging.getLogger("calibration.quantize")
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     table = recalibrate(models, collected, records, args.calib, args.calibrator)
     if args.report is not None:
         report = quality_report(models, table, records, args.samples, base=args.fp8_base)
-        write_report(args.report or Path(args.calib) / "quality.json", models, table, len(records), report,
+        write_report(args.report or Path(args.calib) / QUALITY_FILE, models, table, len(records), report,
                      args.fp8_base)
     if args.export:
         export_fp8_variant(args.export, models, table, args.fp8_base)

@@ -40,6 +40,11 @@ class ManifestError(DynaIPError, OSError):
     """A build manifest is missing, invalid, or does not match the files/GPU/TensorRT version it describes."""
 
 
+class OutputError(DynaIPError, OSError):
+    """An output path cannot be written (missing or read-only folder, disk full, not a regular file) or writing it
+    would replace something the user has (a folder holding files dynaip-trt did not write)."""
+
+
 class BackendUnavailableError(DynaIPError, RuntimeError):
     """A backend (TensorRT, CUDA, ONNX Runtime) is not installed or has no usable device."""
 

@@ -22,6 +22,10 @@ from .files import atomic_path
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+PLAN_FILE = "engine_plan.json"  # export.build: the builder configuration of every engine
+TIMING_CACHE = "timing.cache"  # export.build: TensorRT's measured tactics, reused across builds
+FP8_QUALITY_FILE = "fp8_quality.json"  # export.build --precision fp8: FP8's measured quality cost
+BUILD_SIDE_FILES = (MANIFEST_FILE, PLAN_FILE, TIMING_CACHE, FP8_QUALITY_FILE)
 MANIFEST_FORMAT = "dynaip-trt-manifest"
 MANIFEST_VERSION = 1
 
@@ -139,6 +143,22 @@ class Manifest:
                         *entry.variants.values()]:
                 safe_join(directory, rel)
         return m
+
+    def files(self) -> set[str]:
+        """Every file of the build this manifest describes (relative paths), the build-side files included."""
+        files = set(BUILD_SIDE_FILES)
+        for entry in self.models.values():
+            files |= {entry.onnx, *entry.files, *entry.variants.values(), *([entry.engine] if entry.engine else [])}
+        return files
+
+    @classmethod
+    def owned_files(cls, directory: str | Path) -> set[str]:
+        """The files dynaip-trt wrote in ``directory``: those of its manifest, or none when it has no valid one
+        (for :func:`dynaip_trt.files.claim_dir`)."""
+        try:
+            return cls.load(directory).files()
+        except ManifestError:
+            return set()
 
     def verify(self, directory: str | Path, models: list[str] | None = None) -> None:
         """Check that every listed file exists and has its recorded SHA-256 (truncated/tampered files fail)."""

@@ -25,10 +25,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from calibration.store import owned_files as owned_calibration_files
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
-from dynaip_trt.manifest import Manifest
+from dynaip_trt.files import atomic_path, claim_dir, staged_files
+from dynaip_trt.manifest import FP8_QUALITY_FILE, PLAN_FILE, Manifest
 from dynaip_trt.models import DynaIPModels
-from dynaip_trt.files import atomic_path, staged_files
 
 from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, plan_engines, record_engines,
                       required_variants, system_section)
@@ -37,8 +38,6 @@ from .specs import Envelope
 
 logger = logging.getLogger("export.build")
 
-PLAN_FILE = "engine_plan.json"
-FP8_QUALITY_FILE = "fp8_quality.json"
 EXIT_NEEDS_TENSORRT = 3
 
 
@@ -56,7 +55,7 @@ def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: i
         logger.info("reusing the calibration data in %s (%d records)", calib_dir, len(records))
     except ConfigError as e:
         logger.info("collecting calibration data in %s (%s)", calib_dir, e)
-        table = collect(models, calib_dir, samples=samples, progress=progress)
+        table = collect(models, calib_dir, samples=samples, progress=progress, what=f"calib_dir={str(calib_dir)!r}")
         records = load_records(calib_dir)
     table = recalibrate(models, table, records, calib_dir)
     export_fp8_variant(out_dir, models, table)
@@ -136,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--calib-samples must be >= 1")
     models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
     name = models.config.name
+    out, calib = args.out or f"build/{name}", args.calib or f"calib/{name}"
+    if not args.skip_export:  # before the long export: nothing of the user's may be replaced
+        claim_dir(out, Manifest.owned_files, f"--out {out}")
+    if args.precision == "fp8":
+        claim_dir(calib, owned_calibration_files, f"--calib {calib}")
     try:
-        run(models, args.out or f"build/{name}", args.precision, envelope_from_args(args, models.config),
-            args.calib or f"calib/{name}", args.opset, args.skip_export, args.plan_only, args.opt_level,
+        run(models, out, args.precision, envelope_from_args(args, models.config), calib, args.opset, args.skip_export, args.plan_only, args.opt_level,
             int(args.workspace_gib * 2**30) if args.workspace_gib else None, args.calib_samples, args.verbose)
     except BackendUnavailableError as e:
         logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "

@@ -26,7 +26,7 @@ from typing import Any
 
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join, sha256_file
+from dynaip_trt.manifest import MODEL_IO, TIMING_CACHE, Manifest, safe_join, sha256_file
 from dynaip_trt.files import atomic_path
 
 from .specs import SPECS, Envelope, get_spec
@@ -34,7 +34,6 @@ from .specs import SPECS, Envelope, get_spec
 logger = logging.getLogger("export.engines")
 
 ENGINE_PRECISIONS = ("fp16", "bf16", "fp8")
-TIMING_CACHE = "timing.cache"
 TENSORRT_INSTALL = ("pip install -e .[tensorrt] on a machine with an NVIDIA GPU and driver "
                     "(TensorRT >= 10.0 wheels from pypi.nvidia.com)")
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dynaip_trt.configs import DynaIPConfig, get_config
 from dynaip_trt.errors import ConfigError, DynaIPError, cli_main
+from dynaip_trt.files import claim_dir
 from dynaip_trt.manifest import MANIFEST_FILE, Manifest, ModelEntry, sha256_file
 from dynaip_trt.models import DynaIPModels, build_models
 from dynaip_trt.text import save_tokenizer
@@ -129,21 +130,23 @@ def export_all(out_dir: str | Path, config: str | DynaIPConfig = "tiny", models:
                names: tuple[str, ...] = tuple(SPECS), opset: int = DEFAULT_OPSET,
                variants: dict[str, tuple[str, ...]] | None = None, keep_io_types: bool = True,
                envelope: Envelope | None = None, external_threshold: int = TWO_GIB - 2**28,
-               progress: bool = True) -> Manifest:
+               progress: bool = True, what: str | None = None) -> Manifest:
     """Export ``names`` (plus the reduced-precision ``variants``, ``{"fp16": ("dit", ...), "bf16": (...)}``) to
     ``out_dir`` and write ``manifest.json``.
 
-    Everything is staged in a sibling temp directory and swapped in at the end (atomic for readers).
+    ``out_dir`` must be new, empty or a previous build (only files its manifest lists): a folder holding anything
+    else raises :class:`~dynaip_trt.errors.OutputError` naming it as ``what`` (default ``out_dir=...``) before any
+    work. Everything is staged in a sibling temp directory and swapped in at the end (atomic for readers).
     """
     from .parity import save_references
 
+    out_dir = claim_dir(out_dir, Manifest.owned_files, what or f"out_dir={str(out_dir)!r}")
     variants = variants or {}
     check_variants(variants, names)
     models = models or build_family(config)
     cfg = models.config
     env = envelope or Envelope(subjects=(1, min(2, cfg.max_subjects), cfg.max_subjects),
                                resolutions=((cfg.height, cfg.width),))
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     staging.chmod(0o755)
@@ -166,10 +169,13 @@ def export_all(out_dir: str | Path, config: str | DynaIPConfig = "tiny", models:
             else:
                 add_variant(entries[name], precision, files)
         if "text" in names:  # the runtime tokenizes prompts with the exported text encoders' own tokenizers
-            save_tokenizer(models.clip_tokenizer, staging / "tokenizer")
-            save_tokenizer(models.t5_tokenizer, staging / "tokenizer_2")
+            for tokenizer, folder in ((models.clip_tokenizer, "tokenizer"), (models.t5_tokenizer, "tokenizer_2")):
+                save_tokenizer(tokenizer, staging / folder)
+                entries["text"].files.update({f.relative_to(staging).as_posix(): sha256_file(f)
+                                              for f in sorted((staging / folder).rglob("*")) if f.is_file()})
         manifest = Manifest(config=cfg.to_dict(), models=entries, opset=opset, max_subjects=env.subjects[2])
         manifest.save(staging)
+        claim_dir(out_dir, Manifest.owned_files, what or f"out_dir={str(out_dir)!r}")  # still ours after the export
         _swap_in(staging, out_dir)
     finally:
         if staging.exists():
@@ -242,17 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp16-io", action="store_true", help="FP16/BF16 variants take/return fp16/bf16 tensors")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
-    models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
     for n in names:
         if n not in SPECS:
             raise ConfigError(f"--models: unknown model {n!r}; choose from {list(SPECS)}")
+    if args.out:  # before loading any model: nothing of the user's may be replaced
+        claim_dir(args.out, Manifest.owned_files, f"--out {args.out}")
+    models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
     out = args.out or f"build/{models.config.name}"
     variants = {p: tuple(n for n in allowed if n in names)
                 for p, allowed, wanted in (("fp16", FP16_MODELS, args.fp16), ("bf16", BF16_MODELS, args.bf16))
                 if wanted}
     export_all(out, models=models, names=names, opset=args.opset, variants=variants,
-               keep_io_types=not args.fp16_io, envelope=envelope_from_args(args, models.config))
+               keep_io_types=not args.fp16_io, envelope=envelope_from_args(args, models.config), what=f"--out {out}")
     return 0
 
 
