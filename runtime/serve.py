@@ -201,13 +201,9 @@ def deploy(args: argparse.Namespace, plan: Plan) -> str:
     running; returns the URL. :class:`DeployError` says what went wrong."""
     from ray import serve
 
-    from .serve_app import build_app
-
-    settings = _settings(args, plan)
     serve.start(http_options={"host": args.host, "port": args.port,
-                              "request_timeout_s": settings.request_timeout_s + 10.0})  # backstop of the ingress's
-    app = build_app(settings, plan.summary, replicas=plan.replicas, min_replicas=plan.min_replicas,
-                    max_replicas=plan.max_replicas, ingress_replicas=args.ingress_replicas)
+                              "request_timeout_s": args.request_timeout + 10.0})  # a backstop of the ingress's
+    app = _application(args, plan)
     serve.run_many([serve.RunTarget(target=app, name=args.app_name, route_prefix="/")],
                    wait_for_applications_running=False)
     deadline = time.monotonic() + args.deploy_timeout
@@ -224,6 +220,43 @@ def deploy(args: argparse.Namespace, plan: Plan) -> str:
         time.sleep(1.0)
     host = f"[{args.host}]" if ":" in args.host else args.host
     return f"http://{host}:{args.port}/"
+
+
+def _application(args: argparse.Namespace, plan: Plan):
+    from .serve_app import build_app
+
+    return build_app(_settings(args, plan), plan.summary, replicas=plan.replicas, min_replicas=plan.min_replicas,
+                     max_replicas=plan.max_replicas, ingress_replicas=args.ingress_replicas)
+
+
+CONFIG_ONLY_FLAGS = ("host", "port", "address", "num_cpus", "deploy_timeout", "app_name")
+
+
+def app_builder(args: dict):
+    """The application for Serve config files (``serve deploy``, KubeRay's RayService ``serveConfigV2``)::
+
+        import_path: runtime.serve:app_builder
+        args: {engine_dir: /models/flux-dev, device: cuda, min_replicas: 1, max_replicas: 8}
+
+    ``args`` are this command's flags (``_`` or ``-`` between words; ``true`` for ``--verbose``), checked as the
+    command checks them. Host, port and the application name come from the config file (``http_options``,
+    ``name``), not from ``args``."""
+    argv: list[str] = []
+    for key, value in args.items():
+        name = str(key).replace("-", "_")
+        if name in CONFIG_ONLY_FLAGS:
+            raise InputError(f"args.{key}: set it in the Serve config file (http_options / the application's "
+                             f"name), not in args")
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, str(value)]
+    try:
+        parsed = parse_args(argv + ["--address", "auto"])  # on a cluster: no local port or CPU checks
+    except SystemExit:
+        raise InputError(f"args {args}: not flags of python -m runtime.serve (see its --help)") from None
+    return _application(parsed, check_args(parsed))
 
 
 def _last_error(messages: list[str]) -> str:

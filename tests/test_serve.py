@@ -205,6 +205,22 @@ def test_serve_benchmark_table_and_fail_fast(tmp_path, caplog):
         assert message in caplog.records[-1].getMessage()
 
 
+def test_app_builder_for_serve_config_files(tiny_build):
+    """``import_path: runtime.serve:app_builder`` with the command's flags as args (KubeRay's RayService)."""
+    from ray.serve import Application
+
+    from runtime.serve import app_builder
+
+    app = app_builder({"engine_dir": str(tiny_build), "max-replicas": 3, "threads": 1, "verbose": True})
+    assert isinstance(app, Application)
+    with pytest.raises(InputError, match="args.port: set it in the Serve config file"):
+        app_builder({"engine_dir": str(tiny_build), "port": 8000})
+    with pytest.raises(InputError, match="--max-batch 9: the build's batch profile allows at most 4"):
+        app_builder({"engine_dir": str(tiny_build), "max_batch": 9})
+    with pytest.raises(InputError, match="not flags of python -m runtime.serve"):
+        app_builder({"engine_dir": str(tiny_build), "colour": "blue"})
+
+
 # ----------------------------------------------------------------------------- the ingress's failure handling
 class _Metric:
     def observe(self, *a, **k): ...
