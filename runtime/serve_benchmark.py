@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=28, help="denoising steps per request")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (loopback)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--threads", type=int, help="threads per replica in every row (default: CPUs / replicas)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="per replica count, no request starts later")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     return p.parse_args(argv)
@@ -53,8 +54,9 @@ def _replica_counts(text: str) -> list[int]:
 
 
 def _serve_args(args: argparse.Namespace, replicas: int, cpus: int) -> list[str]:
-    """``python -m runtime.serve`` flags for one row: the CPUs shared out among the replicas."""
-    return ["--engine-dir", args.engine_dir, "--replicas", str(replicas), "--threads", str(max(1, cpus // replicas)),
+    """``python -m runtime.serve`` flags for one row: the CPUs shared out among the replicas (or ``--threads``)."""
+    threads = args.threads if args.threads is not None else max(1, cpus // replicas)
+    return ["--engine-dir", args.engine_dir, "--replicas", str(replicas), "--threads", str(threads),
             "--port", str(args.port), "--num-cpus", str(cpus), "--max-queued", str(4 * args.concurrency),
             "--app-name", "dynaip-benchmark"]
 
