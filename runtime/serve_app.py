@@ -103,6 +103,7 @@ class _Job:
     request: GenerationRequest
     request_id: str
     received: float
+    started: bool = False  # taken into a batch (no longer waiting)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -202,16 +203,24 @@ class DynaIPModel:
 
     async def generate(self, request: GenerationRequest, request_id: str) -> Outcome:
         """Generate the image of one request (batched with concurrent same-shape requests)."""
-        self._waiting += 1
+        job = _Job(request, request_id, time.perf_counter())
+        self._set_waiting(+1)
+        try:
+            return await self._batched(job)
+        finally:
+            if not job.started:  # cancelled (timeout, client gone) before its batch began
+                self._set_waiting(-1)
+
+    def _set_waiting(self, change: int) -> None:
+        self._waiting += change
         self._queue_depth.set(self._waiting)
-        return await self._batched(_Job(request, request_id, time.perf_counter()))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)  # both set from the settings in __init__
     async def _batched(self, jobs: list[_Job]) -> list[Outcome]:
-        self._waiting -= len(jobs)
-        self._queue_depth.set(self._waiting)
+        self._set_waiting(-len(jobs))
         now = time.perf_counter()
         for job in jobs:
+            job.started = True
             self._observe_stage("queue", now - job.received)
         self._batch_size.observe(len(jobs))
         outcomes = await asyncio.to_thread(self._run, jobs)
