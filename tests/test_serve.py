@@ -339,6 +339,15 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+def _kill(pids: set[int]) -> None:
+    """SIGKILL what is left of the processes the server started (only those: its tree and its session)."""
+    for pid in _alive(pids):
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _in_session(sid: int) -> set[int]:
     """Processes of the session the server was started in (orphans that left the process tree included)."""
     pids = set()
@@ -387,7 +396,7 @@ def server(tiny_build, tmp_path_factory):
     deadline = time.monotonic() + STARTUP_S
     while "DynaIP serving" not in srv.text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            _kill(_descendants(proc.pid) | _in_session(proc.pid) | {proc.pid})
             pytest.fail(f"the server did not start (exit {proc.poll()}):\n{srv.text()[-3000:]}")
         time.sleep(0.5)
     while _get(srv.url + "healthz")[0] != 200 and time.monotonic() < deadline:
@@ -402,8 +411,7 @@ def server(tiny_build, tmp_path_factory):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    for pid in _alive(srv.pids | _descendants(proc.pid) | _in_session(proc.pid)):
-        psutil.Process(pid).kill()
+    _kill(srv.pids | _descendants(proc.pid) | _in_session(proc.pid))
 
 
 @pytest.fixture(scope="module")
