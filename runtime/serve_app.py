@@ -44,6 +44,7 @@ logger = logging.getLogger("runtime.serve")
 
 MODEL_DEPLOYMENT = "DynaIPModel"
 INGRESS_DEPLOYMENT = "DynaIPIngress"
+INGRESS_QUEUE_FACTOR = 10  # requests the proxies may queue for the ingress, per request the model queue holds
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s [request_id=%(request_id)s] %(message)s"
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 # Stages protocol methods timed per call (the current and the lean engine's names); a result with a .step method
@@ -494,7 +495,9 @@ def build_app(settings: ServeSettings, summary: dict[str, Any], replicas: int | 
         max_constructor_retry_count=2,  # a build that cannot load fails the deployment instead of looping
         graceful_shutdown_timeout_s=settings.request_timeout_s,
     ).bind(settings)
+    # the proxies' queue in front of the (light, async) ingress only bounds a flood; overload is answered by the
+    # ingress when the model replicas' queue is full (503 with the JSON error body)
     return serve.deployment(serve.ingress()(DynaIPIngress), name=INGRESS_DEPLOYMENT).options(
-        num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=10_000, max_queued_requests=settings.max_queued, backpressure_config=backpressure,
+        num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+        max_queued_requests=INGRESS_QUEUE_FACTOR * settings.max_queued + 100, backpressure_config=backpressure,
     ).bind(model, settings, summary)
