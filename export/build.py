@@ -1,9 +1,9 @@
 """Build TensorRT engines: export and check ONNX, calibrate FP8 if asked, then build one engine per model.
 
-    python -m export.build --precision fp16                       # the embedded tiny default -> build/tiny
+    python -m export.build --precision fp16                 # the embedded default -> build/<config>
     python -m export.build --precision fp8 --config flux-dev --resolutions 1024x1024,768x1344 --max-subjects 4
     python -m export.build --precision bf16 --base /models/FLUX.1-dev --clip /models/clip-vit-large-patch14 \\
-        --weights dynaip.safetensors --out build/flux-dev
+        --adapter dynaip.safetensors --engine-dir build/flux-dev
 
 Steps: (1) ``export.onnx`` with the graphs the precision needs (fp16/bf16 variants; see :mod:`export.engines`),
 graph checks included; (2) fp8 only: calibration data (``calibration.collect``, reused when ``--calib`` already
@@ -23,45 +23,25 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from calibration.store import owned_files as owned_calibration_files
-from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
+from dynaip_trt.cli import check_source_args, cli_main, configure_logging
+from dynaip_trt.cli import progress as progress_bar
+from dynaip_trt.errors import BackendUnavailableError, ConfigError
 from dynaip_trt.files import atomic_path, claim_dir, staged_files
-from dynaip_trt.manifest import FP8_QUALITY_FILE, PLAN_FILE, Manifest
+from dynaip_trt.manifest import PLAN_FILE, Manifest
 from dynaip_trt.models import DynaIPModels
+from dynaip_trt.weights import family_name, load_family
 
+from .cli import add_export_args, envelope_from_args
 from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, plan_engines, record_engines,
                       required_variants, system_section)
-from .onnx import add_common_args, build_family, configure_logging, envelope_from_args, export_all
-from .specs import Envelope
+from .exporter import export_all
+from .fp8 import prepare_fp8
+from .envelope import Envelope
 
 logger = logging.getLogger("export.build")
 
 EXIT_NEEDS_TENSORRT = 3
-
-
-def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: int, progress: bool = True) -> dict:
-    """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add ``dit.fp8.onnx`` to the
-    build and write its quality report; returns the report (see :func:`calibration.quantize.quality_report`)."""
-    from calibration.collect import collect
-    from calibration.quantize import check_table, export_fp8_variant, quality_report, recalibrate, write_report
-    from calibration.store import AmaxTable, load_records
-
-    try:
-        table = AmaxTable.load(calib_dir, models.config)
-        check_table(models.transformer, table)
-        records = load_records(calib_dir)
-        logger.info("reusing the calibration data in %s (%d records)", calib_dir, len(records))
-    except ConfigError as e:
-        logger.info("collecting calibration data in %s (%s)", calib_dir, e)
-        table = collect(models, calib_dir, samples=samples, progress=progress, what=f"calib_dir={str(calib_dir)!r}")
-        records = load_records(calib_dir)
-    table = recalibrate(models, table, records, calib_dir)
-    export_fp8_variant(out_dir, models, table)
-    report = quality_report(models, table, records, precisions=("fp16", "fp8"))
-    write_report(out_dir / FP8_QUALITY_FILE, models, table, len(records), report, "fp16")
-    return report
 
 
 def write_plan(out_dir: Path, plans: list[EnginePlan], precision: str) -> Path:
@@ -79,7 +59,7 @@ def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbos
     builder = EngineBuilder(out_dir, verbose=verbose)
     manifest = Manifest.load(out_dir)
     with staged_files(out_dir, prefix=".engines-") as staging:
-        for plan in tqdm(plans, desc=f"build {precision}", disable=not progress):
+        for plan in progress_bar(plans, f"build {precision}", progress):
             builder.build(plan, staging)
     return record_engines(manifest, out_dir, plans, system_section(builder.trt), precision)
 
@@ -103,7 +83,7 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
         export_all(out_dir, models=models, opset=opset, variants=required_variants(precision), envelope=envelope,
                    progress=progress)
     if precision == "fp8":
-        prepare_fp8(models, out_dir, Path(calib_dir), calib_samples, progress)
+        prepare_fp8(models, out_dir, calib_dir, calib_samples, progress)
     manifest = Manifest.load(out_dir)
     plans = plan_engines(manifest, out_dir, precision, envelope, optimization_level=optimization_level,
                          workspace_bytes=workspace_bytes)
@@ -118,12 +98,11 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0])
-    add_common_args(p)
+    add_export_args(p)
     p.add_argument("--precision", required=True, help=f"engine precision: {', '.join(ENGINE_PRECISIONS)}")
-    p.add_argument("--out", default=None, help="build directory (default build/<config>)")
-    p.add_argument("--calib", default=None, help="FP8 calibration directory (default calib/<config>)")
+    p.add_argument("--calib", metavar="DIR", help="FP8 calibration folder (default calib/<config>)")
     p.add_argument("--calib-samples", type=int, default=8, help="FP8 calibration requests when collecting")
-    p.add_argument("--skip-export", action="store_true", help="build from the ONNX already in --out")
+    p.add_argument("--skip-export", action="store_true", help="build from the ONNX already in --engine-dir")
     p.add_argument("--plan-only", action="store_true", help="export and write engine_plan.json; build nothing")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: no limit)")
@@ -133,19 +112,26 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--precision {args.precision!r} is unknown; choose from {list(ENGINE_PRECISIONS)}")
     if args.calib_samples < 1:
         raise ConfigError("--calib-samples must be >= 1")
-    models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
-    name = models.config.name
-    out, calib = args.out or f"build/{name}", args.calib or f"calib/{name}"
-    if not args.skip_export:  # before the long export: nothing of the user's may be replaced
-        claim_dir(out, Manifest.owned_files, f"--out {out}")
+    check_source_args(args)
+    name = family_name(args.config, args.base)
+    out, calib = args.engine_dir or f"build/{name}", args.calib or f"calib/{name}"
+    if args.skip_export:  # the folder must already be a build
+        cfg = Manifest.load(out, what=f"--engine-dir {out}").dynaip_config
+    else:  # before the long export: nothing of the user's may be replaced
+        claim_dir(out, Manifest.owned_files, f"--engine-dir {out}")
     if args.precision == "fp8":
         claim_dir(calib, owned_calibration_files, f"--calib {calib}")
+    needs_models = not args.skip_export or args.precision == "fp8"
+    models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed) if needs_models else None
+    if models is not None:
+        cfg = models.config
     try:
-        run(models, out, args.precision, envelope_from_args(args, models.config), calib, args.opset, args.skip_export, args.plan_only, args.opt_level,
-            int(args.workspace_gib * 2**30) if args.workspace_gib else None, args.calib_samples, args.verbose)
+        run(models, out, args.precision, envelope_from_args(args, cfg), calib, args.opset, args.skip_export,
+            args.plan_only, args.opt_level, int(args.workspace_gib * 2**30) if args.workspace_gib else None,
+            args.calib_samples, args.verbose)
     except BackendUnavailableError as e:
         logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "
-                     "Copy the build directory to a GPU machine with TensorRT and run this command with "
+                     "Copy the build folder to a GPU machine with TensorRT and run this command with "
                      "--skip-export there.", e)
         return EXIT_NEEDS_TENSORRT
     return 0

@@ -28,8 +28,10 @@ from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
 from dynaip_trt.manifest import MODEL_IO, TIMING_CACHE, Manifest, safe_join, sha256_file
 from dynaip_trt.files import atomic_path
+from dynaip_trt.tensorrt_api import cuda_device_count, gpu_identity
 
-from .specs import SPECS, Envelope, get_spec
+from .envelope import Envelope
+from .specs import SPECS, get_spec
 
 logger = logging.getLogger("export.engines")
 
@@ -116,13 +118,10 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
             raise ConfigError(f"{directory} has no {name} graph; export it first (python -m export.onnx)")
         entry = manifest.models[name]
         g = graph_precision(name, precision)
-        if g == entry.precision:
-            onnx_file = entry.onnx
-        elif g in entry.variants:
-            onnx_file = entry.variants[g]
-        else:
-            how = "python -m calibration.quantize --export" if g == "fp8" else f"python -m export.onnx --{g}"
-            raise ConfigError(f"{directory} has no {g} graph of {name}, needed for a {precision} engine ({how})")
+        onnx_file = entry.graphs().get(g)
+        if onnx_file is None:
+            raise ConfigError(f"{directory} has no {g} graph of {name}, needed for a {precision} engine "
+                              f"(python -m export.onnx --{g})")
         profile = get_spec(name, cfg).profile(envelope) if envelope is not None else entry.profile
         plans.append(EnginePlan(
             model=name, onnx=onnx_file, onnx_sha256=entry.files[onnx_file], precision=g,
@@ -142,9 +141,7 @@ def import_tensorrt_builder():
     if not hasattr(trt, "Builder"):
         raise BackendUnavailableError(f"the installed tensorrt {getattr(trt, '__version__', '?')} has no builder "
                                       f"(a lean/dispatch runtime); install the full TensorRT: {TENSORRT_INSTALL}")
-    import torch
-
-    if not torch.cuda.is_available():
+    if cuda_device_count() == 0:
         raise BackendUnavailableError("building engines needs an NVIDIA GPU with a CUDA driver and none is visible "
                                       "(TensorRT tunes tactics on the GPU the engine will run on)")
     return trt
@@ -152,10 +149,8 @@ def import_tensorrt_builder():
 
 def system_section(trt) -> dict[str, Any]:
     """The manifest's ``tensorrt`` description of this system (what the runtime compares at load)."""
-    import torch
-
-    return {"version": trt.__version__, "gpu": torch.cuda.get_device_name(),
-            "compute_capability": list(torch.cuda.get_device_capability())}
+    name, capability = gpu_identity()
+    return {"version": trt.__version__, "gpu": name, "compute_capability": list(capability)}
 
 
 class EngineBuilder:

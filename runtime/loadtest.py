@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dynaip_trt.errors import InputError, cli_main
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging
+from dynaip_trt.errors import InputError
 from dynaip_trt.files import atomic_path
 
 logger = logging.getLogger("runtime.loadtest")
@@ -152,6 +153,17 @@ def run_load(url: str, body: dict[str, Any], requests: int, concurrency: int, ti
                       statuses=dict(statuses), errors=dict(errors), hit_time_limit=stopped[0])
 
 
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a JSON report of this module or of :mod:`runtime.serve_benchmark` (which --json may
+    replace)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    rows = data if isinstance(data, list) else [data]
+    return bool(rows) and all(isinstance(r, dict) and "throughput_rps" in r for r in rows)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.loadtest", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -181,16 +193,14 @@ def check_args(args: argparse.Namespace) -> None:
     for ref in args.ref or []:
         if not Path(ref).is_file():
             raise InputError(f"--ref {ref}: no such file")
-    if args.json and Path(args.json).is_dir():
-        raise InputError(f"--json {args.json} is a directory; give a file name")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise InputError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    if args.json:
+        check_writable_file(args.json, "--json", is_ours=is_report)
 
 
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging()
     check_args(args)
     refs = [Path(r).read_bytes() for r in args.ref] if args.ref else [synthetic_reference(0), synthetic_reference(1)]
     options = {} if args.steps is None else {"steps": args.steps}
@@ -198,12 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_load(args.url, body, args.requests, args.concurrency, args.timeout, args.max_seconds, args.seed)
     print(result.report())
     if args.json:
-        try:
-            with atomic_path(args.json) as tmp:
-                tmp.write_text(json.dumps({"url": args.url, "concurrency": args.concurrency, **result.summary()},
-                                          indent=1))
-        except OSError as e:
-            raise InputError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"url": args.url, "concurrency": args.concurrency, **result.summary()},
+                                      indent=1))
     return 0 if result.ok == result.sent else 1
 
 

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynaip_trt.errors import InputError, cli_main
+from dynaip_trt.cli import cli_main, configure_logging
+from dynaip_trt.errors import InputError
 
 logger = logging.getLogger("runtime.serve")
 
@@ -299,7 +300,7 @@ def wait_for_signal() -> int:
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging(args.verbose)
     plan = check_args(args)
     metrics_port = start_ray(args.address, args.num_cpus)
     started_ray = args.address is None

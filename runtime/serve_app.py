@@ -47,9 +47,8 @@ INGRESS_DEPLOYMENT = "DynaIPIngress"
 INGRESS_QUEUE_FACTOR = 10  # requests the proxies may queue for the ingress, per request the model queue holds
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s [request_id=%(request_id)s] %(message)s"
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
-# Stages protocol methods timed per call (the current and the lean engine's names); a result with a .step method
-# (a denoise session) has its steps timed as "denoise_step".
-TIMED_STAGES = ("clip_levels", "reference_kv", "encode_text", "dit", "denoise_session", "decode")
+# Stages protocol methods timed per call; the denoise session they start has its steps timed as "denoise_step"
+TIMED_STAGES = ("clip_levels", "reference_kv", "encode_text", "denoise_session", "decode")
 
 _request_ids: contextvars.ContextVar[str] = contextvars.ContextVar("dynaip_request_ids", default="-")
 
@@ -192,8 +191,8 @@ class DynaIPModel:
         self.engine = DynaIPEngine.from_dir(settings.engine_dir, backend=settings.backend, device=settings.device,
                                             precision=settings.precision, threads=settings.threads,
                                             cache_bytes=settings.cache_bytes)
-        self.engine.stages = TimedStages(self.engine.stages, self._observe_stage)
-        self.max_batch = max(1, min(settings.max_batch, self.engine.max_batch))
+        self.engine.sampler.stages = TimedStages(self.engine.stages, self._observe_stage)
+        self.max_batch = max(1, min(settings.max_batch, self.engine.max_batch or settings.max_batch))
         self._batched.set_max_batch_size(self.max_batch)
         self._batched.set_batch_wait_timeout_s(settings.batch_wait_s)
         logger.info("model replica ready: %s (%s, %s, %d threads), batches of up to %d", settings.engine_dir,

@@ -18,11 +18,12 @@ import sys
 import time
 import urllib.request
 
-from dynaip_trt.errors import InputError, cli_main
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging
+from dynaip_trt.errors import InputError
 from dynaip_trt.files import atomic_path
 
 from . import serve
-from .loadtest import LoadResult, request_body, run_load, synthetic_reference
+from .loadtest import LoadResult, is_report, request_body, run_load, synthetic_reference
 
 logger = logging.getLogger("runtime.serve_benchmark")
 
@@ -88,8 +89,10 @@ def table(rows: list[tuple[int, int, LoadResult]]) -> str:
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging()
     counts = _replica_counts(args.replicas)
+    if args.json:
+        check_writable_file(args.json, "--json", is_ours=is_report)
     if args.requests < 1 or args.concurrency < 1:
         raise InputError("--requests and --concurrency must be >= 1")
     cpus = args.num_cpus or os.cpu_count() or 1

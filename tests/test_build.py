@@ -10,13 +10,13 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
+from dynaip_trt.configs import DEFAULT_CONFIG
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
-from export import build
+from dynaip_trt.manifest import MODEL_IO, PLAN_FILE, Manifest, sha256_file
+from export import build, engines
 from export.engines import EngineBuilder, EngineBuildError, graph_precision, plan_engines, required_variants
-from export.specs import Envelope
+from export.envelope import Envelope
 from dynaip_trt.manifest import check_engine_sources, check_tensorrt_section
 
 from conftest import captured_logs, working_directory
@@ -27,7 +27,7 @@ def literal_build(tmp_path_factory):
     """``python -m export.build --precision fp16`` run with no other argument in an empty working directory."""
     with working_directory(tmp_path_factory.mktemp("cwd")) as cwd, captured_logs("export.build") as messages:
         rc = build.main(["--precision", "fp16"])
-    return rc, cwd / "build" / "tiny", messages
+    return rc, cwd / "build" / DEFAULT_CONFIG, messages
 
 
 def test_literal_command_exports_checks_and_stops_with_exit_3(literal_build):
@@ -40,7 +40,7 @@ def test_literal_command_exports_checks_and_stops_with_exit_3(literal_build):
     assert set(m.models) == set(MODEL_IO) and m.tensorrt is None, "no engine may be recorded when none was built"
     for name, entry in m.models.items():
         assert set(entry.variants) == ({"fp16"} if graph_precision(name, "fp16") == "fp16" else set())
-    plan = json.loads((out / build.PLAN_FILE).read_text())
+    plan = json.loads((out / PLAN_FILE).read_text())
     assert plan["precision"] == "fp16"
     assert [e["onnx"] for e in plan["engines"]] == [
         "clip.fp16.onnx", "fusion.fp16.onnx", "text.onnx", "dit.fp16.onnx", "vae.fp16.onnx"]
@@ -76,7 +76,7 @@ def test_plan_errors_name_what_is_missing(tiny_build, tiny_cfg):
     m = Manifest.load(tiny_build)
     with pytest.raises(ConfigError, match=r"no bf16 graph of clip.*python -m export.onnx --bf16"):
         plan_engines(m, tiny_build, "bf16")
-    with pytest.raises(ConfigError, match=r"no fp8 graph of dit.*calibration.quantize"):
+    with pytest.raises(ConfigError, match=r"no fp8 graph of dit.*python -m export.onnx --fp8"):
         plan_engines(m, tiny_build, "fp8")
     with pytest.raises(ConfigError, match="unknown precision 'int8'"):
         plan_engines(m, tiny_build, "int8")
@@ -89,8 +89,8 @@ def test_plan_errors_name_what_is_missing(tiny_build, tiny_cfg):
 
 
 def test_cli_errors(tmp_path):
-    assert build.main(["--precision", "int4", "--out", str(tmp_path / "b")]) == 2
-    assert build.main(["--precision", "fp16", "--skip-export", "--out", str(tmp_path / "none")]) == 2
+    assert build.main(["--precision", "int4", "--engine-dir", str(tmp_path / "b")]) == 2
+    assert build.main(["--precision", "fp16", "--skip-export", "--engine-dir", str(tmp_path / "none")]) == 2
     assert not (tmp_path / "b").exists(), "a rejected command writes nothing"
 
 
@@ -155,9 +155,8 @@ def fake_tensorrt(log: list, fail_model: str | None = None) -> types.ModuleType:
 def fake_gpu(monkeypatch):
     log: list = []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(engines, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(engines, "gpu_identity", lambda device=0: ("NVIDIA H100 80GB HBM3", (9, 0)))
     return log
 
 
@@ -199,8 +198,8 @@ def test_failed_build_leaves_previous_engines_and_manifest(tiny_build, tmp_path,
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([], fail_model="dit"))
     with pytest.raises(EngineBuildError, match="failed to build the dit engine"):
         build.run(None, out, "fp16", None, tmp_path / "calib", 18, skip_export=True, progress=False)
-    after = {f.name: sha256_file(f) for f in out.iterdir() if f.is_file() and f.name != build.PLAN_FILE}
-    assert after == {k: v for k, v in before.items() if k != build.PLAN_FILE}
+    after = {f.name: sha256_file(f) for f in out.iterdir() if f.is_file() and f.name != PLAN_FILE}
+    assert after == {k: v for k, v in before.items() if k != PLAN_FILE}
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
 
 
@@ -212,6 +211,6 @@ def test_builder_needs_tensorrt_builder_and_gpu(tmp_path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="has no builder"):
         EngineBuilder(tmp_path)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([]))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engines, "cuda_device_count", lambda: 0)
     with pytest.raises(BackendUnavailableError, match="needs an NVIDIA GPU"):
         EngineBuilder(tmp_path)

@@ -15,16 +15,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from calibration.collect import collect, record_steps
+from calibration.quantize import calibrate_modelopt, dit_variant, quantized_transformer
+from calibration.store import AmaxTable, load_records
 from dynaip_trt.errors import ConfigError
-from dynaip_trt.manifest import MODEL_IO, Manifest
+from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers, fp8_qdq
+from dynaip_trt.manifest import FP8_QUALITY_FILE, MODEL_IO, PLAN_FILE, Manifest
 from dynaip_trt.metrics import psnr, rel_l2
 from export import build
-from export.onnx import GraphCheckError
-from calibration.collect import collect, record_steps
-from calibration.quantize import (FP8_OPSET, calibrate_modelopt, check_qdq_placement, dit_variant, fp8_qdq,
-                                  quantize_transformer)
-from calibration.store import AmaxTable, load_records
-from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers
+from export.fp8 import FP8_OPSET, check_qdq_placement
+from export.graph import GraphCheckError
 
 from conftest import captured_logs
 
@@ -52,8 +52,8 @@ def fp8_build(tiny_build, calib, tmp_path_factory):
     """``python -m export.build --precision fp8 --skip-export`` on a copy of the tiny build, reusing ``calib``."""
     out = tmp_path_factory.mktemp("fp8") / "tiny"
     shutil.copytree(tiny_build, out)
-    with captured_logs("export.build") as messages:
-        rc = build.main(["--precision", "fp8", "--skip-export", "--out", str(out), "--calib", str(calib[0])])
+    with captured_logs("export") as messages:
+        rc = build.main(["--precision", "fp8", "--skip-export", "--engine-dir", str(out), "--calib", str(calib[0])])
     return rc, out, messages
 
 
@@ -85,7 +85,7 @@ def test_collect_records_every_step_and_the_amax_of_what_it_saw(tiny_models, cal
     try:
         with torch.no_grad():
             for r in records:
-                dit_variant(tiny_models, "fp32")(*(r[n] for n in DIT_INPUTS))
+                dit_variant(tiny_models, "fp32")(**r)
     finally:
         handle.remove()
     assert max(seen) == pytest.approx(table.layers[layer]["input"], rel=1e-6)
@@ -118,10 +118,10 @@ def test_quantize_rejects_a_table_made_for_other_weights(tiny_models, calib):
     name = next(iter(other.layers))
     other.layers[name] = {"input": 1.0, "weight": other.layers[name]["weight"] * 2}
     with pytest.raises(ConfigError, match=f"layer {name}: weight amax .* made for other weights"):
-        quantize_transformer(tiny_models.transformer, other)
+        quantized_transformer(tiny_models.transformer, other)
     del other.layers[name]
     with pytest.raises(ConfigError, match=f"no entry for layer {name}"):
-        quantize_transformer(tiny_models.transformer, other)
+        quantized_transformer(tiny_models.transformer, other)
 
 
 def test_fp8_build_reuses_calibration_and_stops_at_the_engine_step(fp8_build):
@@ -131,7 +131,7 @@ def test_fp8_build_reuses_calibration_and_stops_at_the_engine_step(fp8_build):
     m = Manifest.load(out)
     m.verify(out)
     assert m.models["dit"].variants["fp8"] == "dit.fp8.onnx"
-    plan = {e["model"]: e for e in json.loads((out / build.PLAN_FILE).read_text())["engines"]}
+    plan = {e["model"]: e for e in json.loads((out / PLAN_FILE).read_text())["engines"]}
     assert plan["dit"]["onnx"] == "dit.fp8.onnx" and plan["dit"]["precision"] == "fp8"
     assert plan["clip"]["onnx"] == "clip.fp16.onnx" and plan["text"]["onnx"] == "text.onnx"
 
@@ -161,7 +161,7 @@ def test_fp8_graph_onnxruntime_matches_pytorch_fp8(fp8_build, tiny_models, calib
     for r in records:
         got = sess.run(None, {n: r[n].numpy() for n in DIT_INPUTS})[0]
         with torch.no_grad():
-            want, exact = (m(*(r[n] for n in DIT_INPUTS)) for m in (torch_fp8, torch_fp32))
+            want, exact = (m(**r)[0] for m in (torch_fp8, torch_fp32))
         assert got.dtype == np.float32 and got.shape == tuple(exact.shape)
         assert rel_l2(got, want) < FP8_ORT_REL_L2, f"ORT vs PyTorch FP8: {rel_l2(got, want):.2e}"
         assert 1e-4 < rel_l2(got, exact) < FP8_STEP_REL_L2, f"FP8 vs fp32: {rel_l2(got, exact):.2e}"
@@ -169,7 +169,7 @@ def test_fp8_graph_onnxruntime_matches_pytorch_fp8(fp8_build, tiny_models, calib
 
 def test_fp8_quality_report(fp8_build):
     _, out, _ = fp8_build
-    rows = json.loads((out / build.FP8_QUALITY_FILE).read_text())["rows"]
+    rows = json.loads((out / FP8_QUALITY_FILE).read_text())["rows"]
     fp16, fp8 = rows["fp16"], rows["fp8"]
     assert fp8["step_rel_l2_max"] < FP8_STEP_REL_L2 and fp8["latent_rel_l2"] < FP8_LATENT_REL_L2
     assert fp8["image_psnr"] > FP8_MIN_PSNR_DB

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from dynaip_trt.errors import OutputError
 from dynaip_trt.files import claim_dir, foreign_entries
 from dynaip_trt.manifest import MANIFEST_FILE, Manifest
-from export import onnx as export_onnx
 from calibration import collect as calibration_collect
+from export import onnx as export_onnx
 
 from conftest import captured_logs, working_directory
 
@@ -61,9 +61,9 @@ def test_export_refuses_any_folder_with_foreign_files_and_changes_nothing(tmp_pa
     before = snapshot(root)
     assert foreign_entries(root, Manifest.owned_files(root)), "the generated tree must hold a foreign file"
     with captured_logs("export.onnx") as messages:
-        rc = export_onnx.main(["--out", str(root), "--models", "vae"])
+        rc = export_onnx.main(["--engine-dir", str(root), "--models", "vae"])
     assert rc == 2
-    assert len(messages) == 1 and f"--out {root}" in messages[0] and "did not write" in messages[0]
+    assert len(messages) == 1 and f"--engine-dir {root}" in messages[0] and "did not write" in messages[0]
     assert snapshot(root) == before
 
 
@@ -77,8 +77,8 @@ def test_dot_and_parent_folders_are_refused(tmp_path):
         before = snapshot(tmp_path)
         for out in (".", ".."):
             with captured_logs("export.onnx") as messages:
-                assert export_onnx.main(["--out", out]) == 2
-            assert "did not write" in messages[0] and f"--out {out}" in messages[0]
+                assert export_onnx.main(["--engine-dir", out]) == 2
+            assert "did not write" in messages[0] and f"--engine-dir {out}" in messages[0]
     assert snapshot(tmp_path) == before
 
 
@@ -91,7 +91,7 @@ def test_symlink_to_a_user_folder_is_refused_and_a_symlink_to_a_build_is_followe
     before = snapshot(tmp_path)
     with pytest.raises(OutputError, match="flux.safetensors"):
         claim_dir(link, Manifest.owned_files, "out_dir")
-    assert export_onnx.main(["--out", str(link)]) == 2
+    assert export_onnx.main(["--engine-dir", str(link)]) == 2
     assert snapshot(tmp_path) == before
 
     build = tmp_path / "build"
@@ -137,6 +137,6 @@ def test_calibration_folder_with_user_files_is_refused_before_any_work(tmp_path)
     (calib / "amax.json").write_text('{"mine": true}')  # same name as ours, not ours: must not be overwritten
     before = snapshot(calib)
     with captured_logs("calibration.collect") as messages:
-        assert calibration_collect.main(["--out", str(calib), "--samples", "1"]) == 2
-    assert f"--out {calib}" in messages[0] and "amax.json" in messages[0]
+        assert calibration_collect.main(["--calib", str(calib), "--samples", "1"]) == 2
+    assert f"--calib {calib}" in messages[0] and "amax.json" in messages[0]
     assert snapshot(calib) == before

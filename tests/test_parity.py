@@ -13,9 +13,11 @@ import torch
 from onnx import TensorProto, helper
 
 from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
-from export.parity import (FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES, graphs_of, main,
-                           onnxruntime_rows, reference_file, reference_point, save_references, tensorrt_unavailable)
-from export.specs import Envelope, get_spec
+from export.parity import FP16_REL_L2, FP32_REL_L2, TF32_REL_L2, TOLERANCES, main, onnxruntime_rows, \
+    tensorrt_unavailable
+from export.references import REFERENCE_SEED, reference_file, reference_point, save_references
+from export.envelope import Envelope
+from export.specs import get_spec
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -26,7 +28,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
 def run_main(build, tmp_path, *args: str) -> tuple[int, dict]:
     """``main`` with a JSON report; returns the exit code and the report (``{}`` when none was written)."""
     report = tmp_path / "parity.json"
-    code = main(["--build", str(build), "--json", str(report), *args])
+    code = main(["--engine-dir", str(build), "--json", str(report), *args])
     return code, json.loads(report.read_text()) if report.exists() else {}
 
 
@@ -69,7 +71,7 @@ def test_cli_passes_on_the_tiny_build(tiny_build, tmp_path, caplog, capsys):
     code, report = run_main(tiny_build, tmp_path)
     assert code == 0 and report["passed"]
     rows = {(r["model"], r["precision"]): r for r in report["rows"] if r["backend"] == "onnxruntime"}
-    graphs = {(name, p) for name, entry in Manifest.load(tiny_build).models.items() for p in graphs_of(entry)}
+    graphs = {(name, p) for name, entry in Manifest.load(tiny_build).models.items() for p in entry.graphs()}
     assert set(rows) == graphs and ("dit", "fp16") in rows and all(r["result"] == "PASS" for r in rows.values())
     for name in MODEL_IO:
         row = rows[(name, "fp32")]
@@ -137,9 +139,8 @@ def test_tensorrt_rows_with_a_stand_in_engine(tiny_build, tmp_path, monkeypatch)
                               "vae": {"precision": "fp32", "flags": ["TF32"]}}}
     m.save(build)
     monkeypatch.setattr(parity, "tensorrt_unavailable", lambda: None)
-    monkeypatch.setattr(parity, "import_tensorrt", lambda: type("trt", (), {"__version__": "10.8.0"}))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(parity, "import_tensorrt_gpu", lambda: type("trt", (), {"__version__": "10.8.0"}))
+    monkeypatch.setattr(parity, "gpu_identity", lambda device=0: ("NVIDIA H100", (9, 0)))
     monkeypatch.setattr(parity, "run_tensorrt", lambda path, feeds: parity.run_onnxruntime(
         build / sources[path.stem], feeds))
     code, report = run_main(build, tmp_path, "--models", "dit,vae,clip,fusion")

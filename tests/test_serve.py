@@ -164,7 +164,8 @@ def test_cli_checks_arguments_without_starting_ray(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 2 and "NO_RAY" in out.stdout
     assert [ln for ln in out.stderr.splitlines() if ln.startswith("ERROR")] == [
-        f"ERROR --engine-dir {tmp_path / 'nope'}: no such directory (create one with python -m export.onnx)"]
+        f"ERROR runtime.serve: --engine-dir {tmp_path / 'nope'}: no such directory (create one with python -m "
+        f"export.onnx)"]
     assert "Traceback" not in out.stderr
     help_out = subprocess.run([sys.executable, "-m", "runtime.serve", "--help"], cwd=REPO, capture_output=True,
                               text=True, timeout=120)
@@ -183,7 +184,7 @@ def test_loadtest_counts_errors_and_refuses_bad_arguments(tmp_path, capsys, capl
                           (["--url", "http://x", "--requests", "1", "--concurrency", "1", "--ref",
                             str(tmp_path / "no.png")], "no such file"),
                           (["--url", "http://x", "--requests", "1", "--concurrency", "1", "--json",
-                            str(tmp_path / "no" / "r.json")], "does not exist")):
+                            str(tmp_path / "no" / "r.json")], "cannot write there (no such folder)")):
         caplog.clear()
         assert main(argv) == 2
         assert message in caplog.records[-1].getMessage()
@@ -437,11 +438,14 @@ def _expected(engine, refs, seed: int, **options) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def test_healthz_info_and_docs(server):
+def test_healthz_info_and_docs(server, tiny_build):
+    from dynaip_trt.manifest import Manifest
+
     status, _, body = _get(server.url + "healthz")
     assert status == 200 and json.loads(body) == {"status": "ok", "replicas_ready": 2}
     info = json.loads(_get(server.url + "v1/info")[2])
-    assert (info["config"], info["max_subjects"], info["max_batch"]) == ("tiny", 4, 4)
+    config = Manifest.load(tiny_build).dynaip_config.name
+    assert (info["config"], info["max_subjects"], info["max_batch"]) == (config, 4, 4)
     assert info["resolutions"]["max"] == "64x64" and set(info["models"]) == {"clip", "dit", "fusion", "text", "vae"}
     assert info["serving"]["threads"] == 1 and "engine_dir" not in info["serving"]
     assert _get(server.url + "docs")[0] == 200
@@ -522,7 +526,7 @@ def test_request_id_is_echoed_and_in_every_log_line_of_the_request(server, refs)
                 "DynaIPModel" in ln and "generated" in ln for ln in lines):
             break
         time.sleep(0.5)
-    assert any("DynaIPModel" in ln and re.search(r"\[request_id=[^]]*test-rid-42[^]]*\] generating", ln)
+    assert any("DynaIPModel" in ln and re.search(r"\[request_id=[^]]*test-rid-42[^]]*\] generated", ln)
                for ln in lines), lines
     assert any("DynaIPIngress" in ln and "[request_id=test-rid-42] answered" in ln for ln in lines), lines
 
@@ -579,13 +583,17 @@ def test_killing_a_replica_mid_load_loses_no_request(server, engine, refs):
     server.pids |= _descendants(server.proc.pid)  # the restarted replica
 
 
-def test_prometheus_metrics(server):
-    """Queue depth, batch size (batches of more than one request happened), cache hit rate and stage latencies
+def test_prometheus_metrics(server, refs):
+    """Queue depth, batch size (a burst of same-shape requests was batched), cache hit rate and stage latencies
     reach Ray's Prometheus endpoint."""
     assert server.metrics_url
+    with ThreadPoolExecutor(12) as pool:
+        burst = list(pool.map(lambda seed: _post(server.url, {"prompt": "two toys", "references": refs,
+                                                               "seed": seed, "steps": 50})[0], range(12)))
+    assert burst == [200] * 12
     wanted = ["ray_dynaip_queue_depth", "ray_dynaip_batch_size_bucket", 'ray_dynaip_cache_hit_rate{',
-              'stage="dit"', 'stage="queue"', 'stage="encode_png"', "ray_dynaip_request_latency_ms_bucket",
-              "ray_dynaip_responses"]
+              'stage="denoise_step"', 'stage="reference_kv"', 'stage="queue"', 'stage="encode_png"',
+              "ray_dynaip_request_latency_ms_bucket", "ray_dynaip_responses"]
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         text = _get(server.metrics_url)[2].decode()
@@ -619,7 +627,8 @@ def test_shutdown_leaves_no_ray_process(server):
     assert len(pids) >= 5  # gcs_server, raylet, the Serve controller, the proxy, 3 replicas...
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(90) == 0, server.text()[-2000:]
-    assert "SIGINT received: shutting down" in server.text() and "INFO stopped" in server.text()
+    assert "runtime.serve: SIGINT received: shutting down" in server.text()
+    assert server.text().rstrip().endswith("runtime.serve: stopped")
     deadline = time.monotonic() + 30
     while (_alive(pids) or _in_session(server.proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
