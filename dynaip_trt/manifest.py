@@ -49,6 +49,8 @@ MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae": (("latents",), ("images",)),
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+FP8_BASES = ("fp16", "bf16")  # precision of the non-FP8 ops of an FP8 DiT graph
+FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn value: a per-tensor FP8 scale is amax / FP8_E4M3_MAX
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -23,21 +23,22 @@ import logging
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from calibration.store import owned_files as owned_calibration_files
-from dynaip_trt.cli import check_source_args, cli_main, configure_logging
+from dynaip_trt.cli import check_source_args, cli_main, configure_logging, family_name
 from dynaip_trt.cli import progress as progress_bar
 from dynaip_trt.errors import BackendUnavailableError, ConfigError
 from dynaip_trt.files import atomic_path, claim_dir, staged_files
 from dynaip_trt.manifest import PLAN_FILE, Manifest
-from dynaip_trt.models import DynaIPModels
-from dynaip_trt.weights import family_name, load_family
 
 from .cli import add_export_args, envelope_from_args
 from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, plan_engines, record_engines,
                       required_variants, system_section)
-from .exporter import export_all
-from .fp8 import prepare_fp8
 from .envelope import Envelope
+
+if TYPE_CHECKING:  # torch and the model code load only when there is something to export or calibrate
+    from dynaip_trt.models import DynaIPModels
 
 logger = logging.getLogger("export.build")
 
@@ -80,9 +81,13 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
     if skip_export:
         Manifest.load(out_dir).verify(out_dir)
     else:
+        from .exporter import export_all
+
         export_all(out_dir, models=models, opset=opset, variants=required_variants(precision), envelope=envelope,
                    progress=progress)
     if precision == "fp8":
+        from .fp8 import prepare_fp8
+
         prepare_fp8(models, out_dir, calib_dir, calib_samples, progress)
     manifest = Manifest.load(out_dir)
     plans = plan_engines(manifest, out_dir, precision, envelope, optimization_level=optimization_level,
@@ -121,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         claim_dir(out, Manifest.owned_files, f"--engine-dir {out}")
     if args.precision == "fp8":
         claim_dir(calib, owned_calibration_files, f"--calib {calib}")
-    needs_models = not args.skip_export or args.precision == "fp8"
-    models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed) if needs_models else None
+    models = None
+    if not args.skip_export or args.precision == "fp8":
+        from dynaip_trt.weights import load_family
+
+        models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed)
     if models is not None:
         cfg = models.config
     try:

@@ -37,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VARIANT_PRECISIONS = ("fp16", "bf16")  # exported here; fp8 needs calibration (export.fp8)
-FP16_MODELS = tuple(n for n, s in SPECS.items() if "fp16" in s.precisions)  # not text: T5 overflows in fp16
-BF16_MODELS = tuple(n for n, s in SPECS.items() if "bf16" in s.precisions)
 
 
 def export_model(spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET, dtype: torch.dtype = torch.float32,

@@ -17,11 +17,9 @@ from dynaip_trt.cli import check_source_args, cli_main, configure_logging
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.files import claim_dir
 from dynaip_trt.manifest import Manifest
-from dynaip_trt.weights import load_family
 
 from .cli import add_export_args, envelope_from_args
-from .exporter import BF16_MODELS, FP16_MODELS, export_all
-from .specs import SPECS
+from .specs import BF16_MODELS, FP16_MODELS, SPECS
 
 logger = logging.getLogger("export.onnx")
 
@@ -46,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     check_source_args(args)
     if args.engine_dir:  # before loading any model: nothing of the user's may be replaced
         claim_dir(args.engine_dir, Manifest.owned_files, f"--engine-dir {args.engine_dir}")
+    from dynaip_trt.weights import load_family  # torch and the model code: only once the arguments are checked
+
+    from .exporter import export_all
+
     models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed)
     out = args.engine_dir or f"build/{models.config.name}"
     calib = args.calib or f"calib/{models.config.name}"

@@ -18,7 +18,6 @@ precision, missing or tampered files); 3 a requested backend is not installed (t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict, dataclass
@@ -27,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from dynaip_trt.cli import cli_main, configure_logging
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging, write_json_report, written_json_report
 from dynaip_trt.cli import progress as progress_bar
-from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, import_optional
-from dynaip_trt.files import atomic_path
-from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, ModelEntry, check_profile, check_tensorrt_section, \
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, import_optional
+from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, check_profile, check_tensorrt_section, \
     safe_join
 from dynaip_trt.metrics import report
 from dynaip_trt.tensorrt_api import gpu_identity, import_tensorrt_gpu
@@ -329,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure_logging(args.verbose)
     quiet_polygraphy(args.verbose)
+    if args.json:
+        check_writable_file(args.json, "--json", written_json_report)
+    Manifest.load(args.engine_dir, what=f"--engine-dir {args.engine_dir}")  # before any backend is imported
     precisions = parse_list(args.precisions, PRECISIONS, "precisions")
     models = parse_list(args.models, tuple(MODEL_IO), "models")
     try:
@@ -339,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NEEDS_BACKEND
     print(format_table(rows))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report_json(args.engine_dir, backends, rows), indent=1))
+        write_json_report(args.json, report_json(args.engine_dir, backends, rows))
     failed = [r for r in rows if r.result == FAIL]
     if failed:
         logger.error("%d of %d comparisons failed", len(failed), len(rows))
