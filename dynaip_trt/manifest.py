@@ -83,6 +83,8 @@ class ModelEntry:
         precision: numeric precision of the graph (``fp32``, ``fp16``, ``bf16``, ``fp8``).
         engine: TensorRT engine file (set by ``export.build``), or ``None``.
         variants: other ONNX files of the same model by precision (e.g. ``{"fp16": "dit.fp16.onnx"}``).
+        sources: what each graph was exported from, by precision: a key over the config, the model's weights,
+            the opset and the profile (``export.onnx`` reuses a graph whose key is unchanged).
     """
 
     onnx: str
@@ -93,6 +95,7 @@ class ModelEntry:
     precision: str = "fp32"
     engine: str | None = None
     variants: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
     def graphs(self) -> dict[str, str]:
         """``{precision: ONNX file}`` of every graph of this model: the main graph and its variants."""

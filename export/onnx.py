@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help=f"also export BF16 variants of {BF16_MODELS}")
     p.add_argument("--fp8", action="store_true", help="also export the FP8 DiT (calibrating into --calib if needed)")
     p.add_argument("--calib", metavar="DIR", help="FP8 calibration folder (default calib/<config>)")
+    p.add_argument("--force", action="store_true", help="re-export every graph (default: reuse the graphs of a "
+                   "previous build in --engine-dir whose source did not change)")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 if wanted}
     envelope = envelope_from_args(args, models.config)
     export_all(out, models=models, names=names, opset=args.opset, variants=variants, envelope=envelope,
-               what=f"--engine-dir {out}")
+               what=f"--engine-dir {out}", force=args.force)
     if args.fp8:
         from .fp8 import prepare_fp8
 
