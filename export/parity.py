@@ -304,6 +304,19 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[Row]) -> str:
+    """The rows as a Markdown table (what the README shows, pasted from this output)."""
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| model | precision | backend | vs | rel L2 | max abs | cosine | tolerance | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.precision} | {r.backend} | {r.vs} | {num(r.rel_l2, '.2e')} | "
+              f"{num(r.max_abs, '.2e')} | {num(r.cosine, '.8f')} | {num(r.tolerance, '.0e')} | {r.result} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def report_json(directory: str | Path, backends: tuple[str, ...], rows: list[Row]) -> dict[str, Any]:
     """The report as JSON-ready data: build directory, backends, tolerances and every row."""
     return {"build": str(directory), "backends": list(backends), "tolerances": TOLERANCES,
@@ -323,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"auto (ONNX Runtime, plus TensorRT when it and a GPU are present) or a comma list of "
                         f"{','.join(BACKENDS)}")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--format", choices=("text", "markdown"), default="text", help="how the table is printed")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
@@ -338,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as e:
         logger.error("%s", e)
         return EXIT_NEEDS_BACKEND
-    print(format_table(rows))
+    print(format_markdown(rows) if args.format == "markdown" else format_table(rows))
     if args.json:
         write_json_report(args.json, report_json(args.engine_dir, backends, rows))
     failed = [r for r in rows if r.result == FAIL]
