@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
 
-import pytest
 import torch
 
 from dynaip_trt.manifest import Manifest
-from export import build, engines, exporter
+from export import build, exporter
 
 from conftest import captured_logs
-from test_build import fake_tensorrt
+from test_build import fake_gpu  # noqa: F401  (the fixture: TensorRT and a GPU stand-ins)
 
 NAMES = ("fusion", "vae")
 
@@ -65,27 +63,18 @@ def test_another_opset_or_profile_is_a_new_source(tiny_models, tmp_path):
     assert exported(messages) == ["fusion (fp32)"]
 
 
-@pytest.fixture()
-def fake_builder(monkeypatch):
-    log: list = []
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(log))
-    monkeypatch.setattr(engines, "cuda_device_count", lambda: 1)
-    monkeypatch.setattr(engines, "gpu_identity", lambda device=0: ("NVIDIA H100 80GB HBM3", (9, 0)))
-    return log
-
-
-def test_export_build_rebuilds_only_engines_whose_graph_changed(tiny_build, tiny_models, tmp_path, fake_builder):
+def test_export_build_rebuilds_only_engines_whose_graph_changed(tiny_build, tiny_models, tmp_path, fake_gpu):
     out = tmp_path / "b"
     shutil.copytree(tiny_build, out)
     build.run(tiny_models, out, "fp16", None, tmp_path / "calib", 18, progress=False)
-    parsed = [a[0] for n, a in fake_builder if n == "parse"]
+    parsed = [a[0] for n, a in fake_gpu if n == "parse"]
     assert len(parsed) == 5, "the first build builds every engine"
-    fake_builder.clear()
+    fake_gpu.clear()
     with captured_logs("export") as messages:
         build.run(tiny_models, out, "fp16", None, tmp_path / "calib", 18, progress=False)
-    assert not [n for n, _ in fake_builder if n == "parse"], "nothing changed: no engine is rebuilt"
+    assert not [n for n, _ in fake_gpu if n == "parse"], "nothing changed: no engine is rebuilt"
     assert not exported(messages) and any("are current: not rebuilt" in m for m in messages)
     Manifest.load(out).verify(out)
-    fake_builder.clear()
+    fake_gpu.clear()
     build.run(None, out, "fp16", None, tmp_path / "calib", 18, skip_export=True, progress=False, force=True)
-    assert len([n for n, _ in fake_builder if n == "parse"]) == 5, "--force rebuilds every engine"
+    assert len([n for n, _ in fake_gpu if n == "parse"]) == 5, "--force rebuilds every engine"
