@@ -14,13 +14,13 @@ from pathlib import Path
 import onnx
 import torch
 
-from calibration.collect import collect
-from calibration.quantize import (FP8_BASES, TORCH_DTYPES, check_table, dit_variant, quality_report, recalibrate,
-                                  write_report)
+from calibration.quantization import TORCH_DTYPES, check_table, dit_variant, quality_report, recalibrate, \
+    write_report
+from calibration.recording import collect
 from calibration.store import AmaxTable, load_records
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.files import staged_files
-from dynaip_trt.manifest import FP8_QUALITY_FILE, Manifest
+from dynaip_trt.manifest import FP8_BASES, FP8_QUALITY_FILE, Manifest
 from dynaip_trt.models import DynaIPModels
 
 from .exporter import add_variant, export_model, variant_file

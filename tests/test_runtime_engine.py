@@ -15,7 +15,7 @@ import torch
 
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, ResourceError
 from dynaip_trt.manifest import check_profile, check_tensorrt_section, max_subjects_of
-from dynaip_trt.metrics import max_abs, rel_l2
+from dynaip_trt.metrics import max_abs
 from dynaip_trt.pipeline import DynaIPPipeline
 from runtime import DynaIPEngine
 from runtime.cuda_graphs import GraphCache, capture_graph, ensure_free_memory
