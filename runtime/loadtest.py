@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dynaip_trt.cli import check_writable_file, cli_main, configure_logging
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging, write_json_report, written_json_report
 from dynaip_trt.errors import InputError
-from dynaip_trt.files import atomic_path
 
 logger = logging.getLogger("runtime.loadtest")
 
@@ -153,17 +152,6 @@ def run_load(url: str, body: dict[str, Any], requests: int, concurrency: int, ti
                       statuses=dict(statuses), errors=dict(errors), hit_time_limit=stopped[0])
 
 
-def is_report(path: Path) -> bool:
-    """Whether ``path`` is a JSON report of this module or of :mod:`runtime.serve_benchmark` (which --json may
-    replace)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    rows = data if isinstance(data, list) else [data]
-    return bool(rows) and all(isinstance(r, dict) and "throughput_rps" in r for r in rows)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.loadtest", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -194,7 +182,7 @@ def check_args(args: argparse.Namespace) -> None:
         if not Path(ref).is_file():
             raise InputError(f"--ref {ref}: no such file")
     if args.json:
-        check_writable_file(args.json, "--json", is_ours=is_report)
+        check_writable_file(args.json, "--json", written_json_report)
 
 
 @cli_main(logger)
@@ -208,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_load(args.url, body, args.requests, args.concurrency, args.timeout, args.max_seconds, args.seed)
     print(result.report())
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({"url": args.url, "concurrency": args.concurrency, **result.summary()},
-                                      indent=1))
+        write_json_report(args.json, {"url": args.url, "concurrency": args.concurrency, **result.summary()})
     return 0 if result.ok == result.sent else 1
 
 

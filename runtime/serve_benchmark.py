@@ -18,12 +18,11 @@ import sys
 import time
 import urllib.request
 
-from dynaip_trt.cli import check_writable_file, cli_main, configure_logging
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging, write_json_report, written_json_report
 from dynaip_trt.errors import InputError
-from dynaip_trt.files import atomic_path
 
 from . import serve
-from .loadtest import LoadResult, is_report, request_body, run_load, synthetic_reference
+from .loadtest import LoadResult, request_body, run_load, synthetic_reference
 
 logger = logging.getLogger("runtime.serve_benchmark")
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     counts = _replica_counts(args.replicas)
     if args.json:
-        check_writable_file(args.json, "--json", is_ours=is_report)
+        check_writable_file(args.json, "--json", written_json_report)
     if args.requests < 1 or args.concurrency < 1:
         raise InputError("--requests and --concurrency must be >= 1")
     cpus = args.num_cpus or os.cpu_count() or 1
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
           f"build {args.engine_dir}\n")
     print(table(rows))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps([{"replicas": n, "threads": t, **r.summary()} for n, t, r in rows], indent=1))
+        write_json_report(args.json, {"rows": [{"replicas": n, "threads": t, **r.summary()} for n, t, r in rows]})
     return 0 if all(r.ok == r.sent for _, _, r in rows) else 1
 
 
