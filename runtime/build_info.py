@@ -6,15 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dynaip_trt.manifest import Manifest, max_subjects_of
-
-
-def max_batch_of(manifest: Manifest) -> int:
-    """Largest batch the build's DiT profile accepts (``latents`` max batch; 1 when the manifest has no profile)."""
-    dit = manifest.models.get("dit")
-    if dit is None or "latents" not in dit.profile:
-        return 1
-    return int(dit.profile["latents"]["max"][0])
+from dynaip_trt.manifest import Manifest, max_batch_of, max_subjects_of
 
 
 def summarize_build(directory: str | Path, manifest: Manifest | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dynaip_trt.conditioning import ReferenceKV
 from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig
 from dynaip_trt.errors import ConfigError, InputError
 from dynaip_trt.images import ImageLike
-from dynaip_trt.manifest import Manifest
+from dynaip_trt.manifest import Manifest, max_batch_of
 from dynaip_trt.request import GenerationRequest, batch_key, prompt_fields
 from dynaip_trt.text import Tokenizer
 
@@ -118,9 +118,8 @@ class DynaIPEngine:
             stages = TrtStages(path, manifest, device=_cuda_index(device), cuda_graphs=cuda_graphs)
         tokenizers = (Tokenizer.load(Path(path) / "tokenizer", cfg.text.clip_max_length),
                       Tokenizer.load(Path(path) / "tokenizer_2", cfg.text.max_text_length))
-        dit = manifest.models["dit"]
         info = {"build": str(path), "precision": precision if backend == "onnxruntime" else
-                (manifest.tensorrt or {}).get("precision"), "max_batch": int(dit.profile["latents"]["max"][0]),
+                (manifest.tensorrt or {}).get("precision"), "max_batch": max_batch_of(manifest),
                 "profiles": {name: entry.profile for name, entry in manifest.models.items()}}
         return cls(cfg, stages, tokenizers, cache_bytes, info)
 
