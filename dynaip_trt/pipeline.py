@@ -93,7 +93,8 @@ class DynaIPPipeline:
         parts = []
         for s, views in enumerate(subjects):
             pixels = self._tensor(preprocess_clip(views, cfg.vision))
-            levels = clip_levels(self.models.vision, pixels, cfg.adapter.tap_layers).unsqueeze(1)  # [V, 1, L, P, C]
+            levels = clip_levels(self.models.vision, pixels, cfg.adapter.tap_layers, cfg.adapter.encoder
+                                 ).unsqueeze(1)  # [V, 1, L, P, C]
             lw = None if level_weights is None else self._tensor(level_weights[s]).expand(len(views), 1, -1)
             tokens = a.reference_tokens(levels, lw)  # [V, 1, T, inner]
             kv = [*a.image_kv(tokens), *(a.text_kv(tokens) if text_branch else (None, None))]

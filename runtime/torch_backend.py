@@ -82,7 +82,7 @@ class TorchStages:
                                           f"{torch.cuda.get_device_name(self.device)} has none")
         self.transformer = quantize_fp8(models.transformer, "scaled_mm") if fp8 else models.transformer
         self.mode = cfg.adapter.attention_mode
-        self.clip = ClipLevels(models.vision, cfg.adapter.tap_layers, self.dtype)
+        self.clip = ClipLevels(models.vision, cfg.adapter.tap_layers, self.dtype, cfg.adapter.encoder)
         self.fusion = FusionKV(models.adapter, self.dtype)
         self.text = TextEncoders(models.clip_text, models.t5, self.dtype)
         self.dit = DiTStep(self.transformer, self.mode, self.dtype)
