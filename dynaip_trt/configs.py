@@ -16,6 +16,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+ADAPTER_FORMAT = "dynaip-adapter"  # the 'format' field of an adapter file's header (dynaip_trt.weights)
+
 
 @dataclass(frozen=True)
 class TransformerConfig:

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import DynaIPAdapter
-from .configs import (DEFAULT_CONFIG, SIGLIP_NORM, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig,
+from .configs import (ADAPTER_FORMAT, DEFAULT_CONFIG, SIGLIP_NORM, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig,
                       VaeConfig, VisionConfig, get_config)
 from .errors import ConfigError, WeightsError
 from .files import atomic_path
@@ -23,7 +23,6 @@ from .text import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FORMAT = "dynaip-adapter"
 ADAPTER_VERSION = "1"
 BASE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 CONFIG_FILE = "dynaip_config.json"
@@ -34,20 +33,26 @@ ENCODER_MODEL_TYPES = {"clip_levels": ("clip", "clip_vision_model"), "clip_embed
                        "siglip_pooled": ("siglip", "siglip_vision_model")}
 
 
+def adapter_metadata(cfg: AdapterConfig, clip_dim: int, inner_dim: int, num_double: int, **extra: str
+                     ) -> dict[str, str]:
+    """The safetensors header of an adapter file: its config and the widths it was made for (``extra``: more
+    string fields, e.g. the format a converted checkpoint came from)."""
+    return {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "adapter_config": json.dumps(dataclasses.asdict(cfg)),
+            "clip_dim": str(clip_dim), "inner_dim": str(inner_dim), "num_double": str(num_double), **extra}
+
+
+def write_adapter_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write adapter tensors (names as :class:`DynaIPAdapter`'s state dict) with ``metadata`` atomically."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
 def save_adapter(adapter: DynaIPAdapter, path: str | Path) -> Path:
     """Save the adapter's weights and config (in the safetensors header) atomically."""
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "version": ADAPTER_VERSION,
-        "adapter_config": json.dumps(dataclasses.asdict(adapter.cfg)),
-        "clip_dim": str(adapter.clip_dim),
-        "inner_dim": str(adapter.inner_dim),
-        "num_double": str(adapter.num_double),
-    }
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return write_adapter_file(tensors, path, adapter_metadata(adapter.cfg, adapter.clip_dim, adapter.inner_dim,
+                                                              adapter.num_double))
 
 
 def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
