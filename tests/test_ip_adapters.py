@@ -257,3 +257,113 @@ def test_instantx_matches_its_published_processor(instantx):
         bare = reference_transformer(models)(**inputs, return_dict=False)[0]
     assert rel_l2(expected, double_only) > 1e-3 and rel_l2(double_only, bare) > 1e-3
     assert rel_l2(velocity, expected) < TORCH_TOL
+
+
+# ------------------------------------------------------------------------------ ONNX, runtime, plan, benchmark
+@pytest.fixture(scope="module")
+def xlabs_build(xlabs, tmp_path_factory):
+    """``export.build --precision fp16 --plan-only --max-subjects 4`` of the tiny XLabs family: fp32 and fp16 graphs,
+    the manifest and the engine plan."""
+    from export.build import run
+    from export.envelope import Envelope
+
+    out = tmp_path_factory.mktemp("xlabs-build") / "build"
+    env = Envelope(subjects=(1, 2, 4), resolutions=((64, 64), (HEIGHT, WIDTH)))
+    run(xlabs[0], out, "fp16", env, out.parent / "calib", opset=18, plan_only=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def instantx_build(instantx, tmp_path_factory):
+    from export.exporter import export_all
+
+    out = tmp_path_factory.mktemp("instantx-build") / "build"
+    export_all(out, models=instantx[0], progress=False)
+    return out
+
+
+def test_xlabs_onnx_matches_diffusers(xlabs, xlabs_build):
+    models, checkpoint, _ = xlabs
+    cfg = models.config
+    for subjects, scales in ((1, [0.7]), (2, [0.7, 0.4])):  # the subject axis at two sizes
+        inputs = dit_inputs(cfg, batch=2, seed=subjects)
+        images = pixels(cfg, 2 * subjects, seed=subjects)
+        with torch.no_grad():
+            embeds = models.vision(pixel_values=images).image_embeds.view(2, subjects, -1)
+            expected = diffusers_xlabs(models, checkpoint, subjects, scales)(
+                **inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [
+                    embeds[:, i][:, None] for i in range(subjects)]}, return_dict=False)[0]
+            _, arrays = our_velocity(models, inputs, embeds[:, :, None, None], torch.tensor([scales] * 2))
+        assert rel_l2(ort_velocity(xlabs_build, arrays), expected) < ORT_TOL, subjects
+
+
+def test_instantx_onnx_matches_its_published_processor(instantx, instantx_build):
+    models, _, state = instantx
+    cfg = models.config
+    inputs = dit_inputs(cfg, batch=2)
+    with torch.no_grad():
+        pooled = models.vision(pixel_values=pixels(cfg, 2)).pooler_output
+        ref, proj = instantx_reference(models, state)
+        expected = ref(**inputs, joint_attention_kwargs={"image_emb": proj(pooled)}, return_dict=False)[0]
+        _, arrays = our_velocity(models, inputs, pooled.view(2, 1, 1, 1, -1), torch.full((2, 1), 0.6))
+    assert rel_l2(ort_velocity(instantx_build, arrays), expected) < ORT_TOL
+
+
+@pytest.mark.parametrize("fmt,subjects", [("xlabs", 4), ("instantx", 3)])
+def test_onnx_runtime_generates_what_the_pipeline_does(fmt, subjects, request, make_images):
+    """The lean runtime on the exported graphs, several subjects (XLabs: the profile's 4), with true CFG, against the
+    PyTorch reference pipeline on the same weights."""
+    from dynaip_trt.pipeline import DynaIPPipeline
+    from runtime import DynaIPEngine
+
+    models = request.getfixturevalue(fmt)[0]
+    build = request.getfixturevalue(f"{fmt}_build")
+    engine = DynaIPEngine.from_dir(build, backend="onnxruntime", device="cpu")
+    refs = make_images(subjects, seed=7)
+    kw = dict(scales=[1.0, 0.5, 0.8, 1.2][:subjects], steps=2, height=HEIGHT, width=WIDTH, seed=3,
+              negative_prompt="", true_cfg_scale=3.5, output_type="latent")
+    got = engine.generate("two toys", refs, **kw)
+    want = DynaIPPipeline(models)("two toys", refs, progress=False, **kw).numpy()
+    plain = engine.generate("two toys", refs, **{**kw, "true_cfg_scale": 1.0})
+    assert rel_l2(got, want) < ORT_TOL and rel_l2(got, plain) > 1e-2
+
+
+def test_xlabs_engine_plan_spans_the_subject_axis(xlabs_build):
+    import json
+
+    from dynaip_trt.manifest import PLAN_FILE
+
+    plan = json.loads((xlabs_build / PLAN_FILE).read_text())
+    engines = {e["model"]: e for e in plan["engines"]}
+    assert plan["precision"] == "fp16" and engines["dit"]["onnx"] == "dit.fp16.onnx"
+    dit, fusion = engines["dit"]["profile"], engines["fusion"]["profile"]
+    assert [dit["img_k"][k][2] for k in ("min", "opt", "max")] == [1, 2, 4]  # [blocks, B, S, T, inner]
+    assert dit["img_k"]["max"] == [2, 4, 4, 4, 32] and fusion["levels"]["max"] == [4, 4, 1, 1, 16]
+
+
+@pytest.mark.parametrize("name,blocks,tokens,width,size", [("flux-dev-xlabs", 19, 4, 768, 224),
+                                                           ("flux-dev-instantx", 57, 128, 1152, 384)])
+def test_full_size_profiles(name, blocks, tokens, width, size):
+    """The engine profiles of the real checkpoints' families (shapes only: nothing is built)."""
+    from export.envelope import Envelope
+    from export.specs import get_spec
+
+    cfg = get_config(name)
+    env = Envelope(batch=(1, 1, 2), subjects=(1, 2, 4))
+    assert get_spec("dit", cfg).profile(env)["img_k"]["max"] == [blocks, 2, 4, tokens, 3072]
+    assert get_spec("fusion", cfg).profile(env)["levels"]["max"] == [2, 4, 1, 1, width]
+    assert get_spec("clip", cfg).profile(env)["pixel_values"]["max"][2:] == [size, size]
+
+
+def test_benchmark_runs_on_the_xlabs_build(xlabs_build, tmp_path, capsys):
+    import json
+
+    from runtime.benchmark import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--config", "tiny-xlabs", "--backends", "onnxruntime", "--engine-dir", str(xlabs_build),
+                 "--subjects", "1,4", "--steps", "1", "--repeats", "1", "--warmup", "0", "--true-cfg-scale", "3",
+                 "--json", str(out)]) == 0
+    assert "true CFG 3" in capsys.readouterr().out
+    assert [(r["backend"], r["subjects"]) for r in json.loads(out.read_text())["rows"]] == [
+        ("onnxruntime", 1), ("onnxruntime", 4)]
