@@ -367,3 +367,25 @@ def test_benchmark_runs_on_the_xlabs_build(xlabs_build, tmp_path, capsys):
     assert "true CFG 3" in capsys.readouterr().out
     assert [(r["backend"], r["subjects"]) for r in json.loads(out.read_text())["rows"]] == [
         ("onnxruntime", 1), ("onnxruntime", 4)]
+
+
+@pytest.mark.parametrize("fmt", ["xlabs", "instantx"])
+def test_local_folders_load_with_the_adapters_encoder(fmt, request, tmp_path, make_images):
+    """``load_models(base, clip, adapter)`` reads the converted adapter's config and loads the image encoder it
+    needs (CLIP with its projection, or SigLIP); a folder holding the other encoder is refused by name."""
+    from dynaip_trt.errors import WeightsError
+    from dynaip_trt.pipeline import DynaIPPipeline
+    from dynaip_trt.weights import load_models, save_models
+
+    models = request.getfixturevalue(fmt)[0]
+    save_models(models, tmp_path / "flux", tmp_path / "encoder", tmp_path / "adapter.safetensors")
+    loaded = load_models(tmp_path / "flux", tmp_path / "encoder", tmp_path / "adapter.safetensors")
+    assert loaded.config.adapter == models.config.adapter and loaded.config.vision == models.config.vision
+    refs = make_images(2)
+    kw = dict(steps=1, height=HEIGHT, width=WIDTH, output_type="latent", progress=False)
+    assert rel_l2(DynaIPPipeline(loaded)("a photo", refs, **kw), DynaIPPipeline(models)("a photo", refs, **kw)) < 1e-6
+    other = request.getfixturevalue("instantx" if fmt == "xlabs" else "xlabs")[0]
+    other.vision.save_pretrained(tmp_path / "other")
+    with pytest.raises(WeightsError, match="image encoder: .* holds a 'siglip_vision_model' model|image encoder: .* "
+                                           "holds a 'clip_vision_model' model"):
+        load_models(tmp_path / "flux", tmp_path / "other", tmp_path / "adapter.safetensors")
