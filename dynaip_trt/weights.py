@@ -253,7 +253,7 @@ def load_models(base_dir: str | Path, clip_dir: str | Path, adapter_path: str | 
     models = DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter,
                           load_tokenizer(base_dir / "tokenizer", cfg.text.clip_max_length),
                           load_tokenizer(base_dir / "tokenizer_2", cfg.text.max_text_length))
-    logger.info("loaded %s from %s (+ CLIP %s, adapter %s)", cfg.name, base_dir, clip_dir, adapter_path)
+    logger.info("loaded %s from %s (+ image encoder %s, adapter %s)", cfg.name, base_dir, clip_dir, adapter_path)
     return finalize(models)
 
 
