@@ -196,8 +196,8 @@ def test_failed_build_leaves_previous_engines_and_manifest(tiny_build, tmp_path,
     build.run(None, out, "fp16", None, tmp_path / "calib", 18, skip_export=True, progress=False)
     before = {f.name: sha256_file(f) for f in out.iterdir() if f.is_file()}
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([], fail_model="dit"))
-    with pytest.raises(EngineBuildError, match="failed to build the dit engine"):
-        build.run(None, out, "fp16", None, tmp_path / "calib", 18, skip_export=True, progress=False)
+    with pytest.raises(EngineBuildError, match="failed to build the dit engine"):  # forced: rebuild them all
+        build.run(None, out, "fp16", None, tmp_path / "calib", 18, skip_export=True, progress=False, force=True)
     after = {f.name: sha256_file(f) for f in out.iterdir() if f.is_file() and f.name != PLAN_FILE}
     assert after == {k: v for k, v in before.items() if k != PLAN_FILE}
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
