@@ -17,6 +17,7 @@ from dynaip_trt.files import claim_dir, foreign_entries
 from dynaip_trt.manifest import MANIFEST_FILE, Manifest
 from calibration import collect as calibration_collect
 from export import onnx as export_onnx
+from export.exporter import export_all
 
 from conftest import captured_logs, working_directory
 
@@ -104,7 +105,7 @@ def test_a_previous_build_is_replaced_and_a_foreign_file_inside_it_is_refused(tm
     build = tmp_path / "build"
     shutil.copytree(tiny_build, build)
     (build / "engine_plan.json").write_text("{}")  # a build-side file of ours
-    export_onnx.export_all(build, models=tiny_models, names=("text",), progress=False)
+    export_all(build, models=tiny_models, names=("text",), progress=False)
     assert set(Manifest.load(build).models) == {"text"} and not (build / "engine_plan.json").exists()
     assert (build / "tokenizer").is_dir()
     (build / "tokenizer" / "my_vocab.txt").write_text("user data")
