@@ -82,7 +82,7 @@ def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbos
     with staged_files(out_dir, prefix=".engines-") as staging:
         for plan in tqdm(plans, desc=f"build {precision}", disable=not progress):
             builder.build(plan, staging)
-    return record_engines(manifest, out_dir, plans, system_section(builder.trt), precision)
+    return record_engines(manifest, out_dir, plans, system_section(builder.trt, builder.gpu), precision)
 
 
 def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelope: Envelope, calib_dir: str | Path,

@@ -26,8 +26,9 @@ from typing import Any
 
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join, sha256_file
 from dynaip_trt.files import atomic_path
+from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join, sha256_file
+from dynaip_trt.tensorrt_api import GpuInfo, import_tensorrt, require_gpu
 
 from .specs import SPECS, Envelope, get_spec
 
@@ -35,8 +36,7 @@ logger = logging.getLogger("export.engines")
 
 ENGINE_PRECISIONS = ("fp16", "bf16", "fp8")
 TIMING_CACHE = "timing.cache"
-TENSORRT_INSTALL = ("pip install -e .[tensorrt] on a machine with an NVIDIA GPU and driver "
-                    "(TensorRT >= 10.0 wheels from pypi.nvidia.com)")
+WHAT = "building TensorRT engines"
 
 
 class EngineBuildError(DynaIPError, RuntimeError):
@@ -132,45 +132,38 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
     return plans
 
 
-def import_tensorrt_builder():
-    """``tensorrt`` with a builder and a visible CUDA GPU, or :class:`BackendUnavailableError` naming what is
-    missing (``tensorrt-lean`` has a runtime but no builder)."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailableError(f"building engines needs TensorRT's builder, which is not installed: "
-                                      f"{TENSORRT_INSTALL}") from e
+def import_tensorrt_builder(device: int = 0) -> tuple[Any, GpuInfo]:
+    """``(tensorrt, GpuInfo)`` with TensorRT's builder and a usable GPU, or :class:`BackendUnavailableError` naming
+    what is missing (TensorRT tunes tactics on the GPU the engines will run on; ``tensorrt-lean`` has a runtime but
+    no builder)."""
+    trt = import_tensorrt(WHAT)
     if not hasattr(trt, "Builder"):
         raise BackendUnavailableError(f"the installed tensorrt {getattr(trt, '__version__', '?')} has no builder "
-                                      f"(a lean/dispatch runtime); install the full TensorRT: {TENSORRT_INSTALL}")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("building engines needs an NVIDIA GPU with a CUDA driver and none is visible "
-                                      "(TensorRT tunes tactics on the GPU the engine will run on)")
-    return trt
+                                      f"(a lean/dispatch runtime); install the full TensorRT")
+    return trt, require_gpu(device, WHAT)
 
 
-def system_section(trt) -> dict[str, Any]:
+def system_section(trt: Any, gpu: GpuInfo) -> dict[str, Any]:
     """The manifest's ``tensorrt`` description of this system (what the runtime compares at load)."""
-    import torch
-
-    return {"version": trt.__version__, "gpu": torch.cuda.get_device_name(),
-            "compute_capability": list(torch.cuda.get_device_capability())}
+    return {"version": trt.__version__, "gpu": gpu.name, "compute_capability": list(gpu.compute_capability)}
 
 
 class EngineBuilder:
-    """Builds :class:`EnginePlan` engines into a build directory with TensorRT (on the current CUDA device)."""
+    """Builds :class:`EnginePlan` engines into a build directory with TensorRT (on CUDA device ``device``)."""
 
-    def __init__(self, directory: str | Path, verbose: bool = False):
-        self.trt = import_tensorrt_builder()
+    def __init__(self, directory: str | Path, verbose: bool = False, device: int = 0):
+        self.trt, self.gpu = import_tensorrt_builder(device)
         self.directory = Path(directory)
         severity = self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING
         self.logger = self.trt.Logger(severity)
-        self.builder = self.trt.Builder(self.logger)
+        try:
+            self.builder = self.trt.Builder(self.logger)
+        except TypeError as e:  # pybind11: the factory returned nullptr (no usable GPU or CUDA for TensorRT)
+            raise BackendUnavailableError(f"TensorRT could not create a builder on {self.gpu.name} ({e}); see the "
+                                          f"TensorRT log (--verbose)") from e
         self.cache_path = self.directory / TIMING_CACHE
 
-    def _network(self, plan: EnginePlan):
+    def _network(self, plan: EnginePlan) -> tuple[Any, Any]:
         trt = self.trt
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
         network = self.builder.create_network(flags)

@@ -36,7 +36,7 @@ from dynaip_trt.models import DynaIPModels
 from dynaip_trt.files import atomic_path
 from runtime.ort_backend import import_onnxruntime
 from dynaip_trt.manifest import check_profile, check_tensorrt_section
-from runtime.trt_backend import import_tensorrt, import_tensorrt_gpu
+from dynaip_trt.tensorrt_api import import_tensorrt_gpu
 
 from .onnx import configure_logging
 from .specs import Envelope, get_spec
@@ -194,7 +194,7 @@ def run_tensorrt(path: Path, feeds: Arrays) -> Arrays:
 def tensorrt_unavailable() -> str | None:
     """Why TensorRT engines cannot run here (no ``tensorrt`` module, no GPU), or ``None`` when they can."""
     try:
-        import_tensorrt_gpu()
+        import_tensorrt_gpu(what="the TensorRT half of the parity check")
     except BackendUnavailableError as e:
         return str(e)
     return None
@@ -335,9 +335,8 @@ def run_parity(directory: str | Path, precisions: tuple[str, ...] | None = None,
         raise ConfigError(f"{directory} has no {absent} graphs of {list(names)}; export them (python -m export.onnx "
                           f"--fp16/--bf16; fp8: python -m calibration.quantize --export)")
     if "tensorrt" in backends and any(manifest.models[n].engine for n in names):
-        trt = import_tensorrt()
-        check_tensorrt_section(manifest.tensorrt, trt.__version__, torch.cuda.get_device_name(),
-                               torch.cuda.get_device_capability(), directory)
+        trt, gpu = import_tensorrt_gpu(what="the TensorRT half of the parity check")
+        check_tensorrt_section(manifest.tensorrt, trt.__version__, gpu.name, gpu.compute_capability, directory)
     rows: list[Row] = []
     for name in tqdm(names, desc="parity", disable=not progress):
         feeds, expected = load_references(directory, name, manifest.models[name])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import types
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ import torch
 from onnx import TensorProto, helper
 
 from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
+from dynaip_trt.tensorrt_api import GpuInfo
 from export.parity import (FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES, graphs_of, main,
                            onnxruntime_rows, reference_file, reference_point, save_references, tensorrt_unavailable)
 from export.specs import Envelope, get_spec
@@ -137,9 +139,8 @@ def test_tensorrt_rows_with_a_stand_in_engine(tiny_build, tmp_path, monkeypatch)
                               "vae": {"precision": "fp32", "flags": ["TF32"]}}}
     m.save(build)
     monkeypatch.setattr(parity, "tensorrt_unavailable", lambda: None)
-    monkeypatch.setattr(parity, "import_tensorrt", lambda: type("trt", (), {"__version__": "10.8.0"}))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(parity, "import_tensorrt_gpu", lambda what: (
+        types.SimpleNamespace(__version__="10.8.0"), GpuInfo(0, "NVIDIA H100", (9, 0), 80 << 30)))
     monkeypatch.setattr(parity, "run_tensorrt", lambda path, feeds: parity.run_onnxruntime(
         build / sources[path.stem], feeds))
     code, report = run_main(build, tmp_path, "--models", "dit,vae,clip,fusion")

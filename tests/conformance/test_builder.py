@@ -1,0 +1,110 @@
+"""``export.build`` / ``export.engines`` against checked fakes of TensorRT's builder (network, ONNX parser, config,
+profile, timing cache, serialization) on the simulated GPU, and against the real modules without a GPU."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+from dynaip_trt.errors import BackendUnavailableError
+from dynaip_trt.manifest import MODEL_IO, Manifest, check_engine_sources, check_tensorrt_section
+from export import build
+from export.engines import EngineBuilder, EngineBuildError
+from export.specs import Envelope
+
+
+def run_build(out, precision="fp16", **kw):
+    return build.run(None, out, precision, kw.pop("envelope", None), out / "calib", 18, skip_export=True,
+                     progress=False, **kw)
+
+
+def test_engine_build_calls_the_real_api(build_copy, trt_state, real_trt):
+    plans = run_build(build_copy, envelope=Envelope(subjects=(1, 2, 3)), optimization_level=4,
+                      workspace_bytes=2**30)
+    builds = {b["source"]: b for b in trt_state.builds}
+    assert list(builds) == [p.onnx for p in plans] == ["clip.fp16.onnx", "fusion.fp16.onnx", "text.onnx",
+                                                       "dit.fp16.onnx", "vae.fp16.onnx"]
+    for b in builds.values():
+        assert b["strongly_typed"] and b["level"] == 4 and b["pools"] == {"WORKSPACE": 2**30}
+        assert b["flags"] == ["TF32"], "TensorRT's default flags, nothing else"
+    assert builds["dit.fp16.onnx"]["profile"]["scales"] == {"min": [1, 1], "opt": [1, 2], "max": [4, 3]}
+    m = Manifest.load(build_copy)
+    m.verify(build_copy)
+    section = m.tensorrt
+    assert section["version"] == real_trt.__version__ and section["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert section["compute_capability"] == [9, 0]
+    check_tensorrt_section(section, real_trt.__version__, "NVIDIA H100 80GB HBM3", (9, 0), build_copy)
+    check_engine_sources(m, build_copy)
+    assert json.loads((build_copy / "timing.cache").read_bytes().split(b"\n", 1)[1])["entries"] == len(MODEL_IO)
+    assert not [f for f in build_copy.iterdir() if f.name.startswith(".")], "staging left behind"
+
+
+def test_a_failed_engine_leaves_the_previous_build(build_copy, trt_state):
+    """Engines and manifest stay as they were (the timing cache may grow: its tactics stay valid)."""
+    keep = (build.PLAN_FILE, "timing.cache")
+    run_build(build_copy)
+    before = {f.name: f.read_bytes() for f in build_copy.iterdir() if f.is_file() and f.name not in keep}
+    trt_state.fail_model = "dit"
+    with pytest.raises(EngineBuildError, match="failed to build the dit engine"):
+        run_build(build_copy)
+    after = {f.name: f.read_bytes() for f in build_copy.iterdir() if f.is_file() and f.name not in keep}
+    assert after == before and not [f for f in build_copy.iterdir() if f.name.startswith(".")]
+
+
+def test_a_misspelled_tensorrt_attribute_fails_the_build(build_copy, trt_state, monkeypatch):
+    """The fakes accept only what the real bindings have: a typo in the builder code fails like on a GPU."""
+    source = textwrap.dedent(inspect.getsource(EngineBuilder._config)).replace(
+        "config.set_memory_pool_limit(", "config.set_memory_pool_limt(")
+    namespace: dict = {}
+    exec(compile(source, "<typo>", "exec"), vars(sys.modules[EngineBuilder.__module__]), namespace)
+    monkeypatch.setattr(EngineBuilder, "_config", namespace["_config"])
+    with pytest.raises(AttributeError, match="'IBuilderConfig' object has no attribute 'set_memory_pool_limt'"):
+        run_build(build_copy, workspace_bytes=2**30)
+
+
+def test_the_fakes_reject_what_the_real_api_rejects(trt_state, real_trt):
+    trt = sys.modules["tensorrt"]
+    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    config = builder.create_builder_config()
+    cache = config.create_timing_cache(b"")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ignore_mismatches'"):
+        config.set_timing_cache(cache, ignore_mismatches=False)
+    with pytest.raises(TypeError, match="missing argument 'ignore_mismatch'"):
+        config.set_timing_cache(cache)
+    with pytest.raises(TypeError, match="is not a tensorrt_bindings.tensorrt.BuilderFlag"):
+        config.set_flag("TF32")
+    with pytest.raises(AttributeError):
+        trt.BuilderFlag.TF23
+    with pytest.raises(AttributeError, match="not writable"):
+        config.num_optimization_profiles = 2
+    with pytest.raises(TypeError, match="matches no signature"):
+        trt.Builder()
+    config.builder_optimization_level = 5
+    assert config.get_flag(trt.BuilderFlag.TF32), "TensorRT enables TF32 by default"
+
+
+def test_real_tensorrt_without_a_gpu_exits_3_with_a_clear_message(build_copy):
+    """The real (stubbed) tensorrt module and the real cuda-python without a driver: python -m export.build ends
+    with exit 3 and one clear line, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "export.build", "--precision", "fp16", "--skip-export", "--out",
+                        str(build_copy)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "TypeError" not in r.stderr
+    assert "the engine step cannot run here" in r.stderr and "no usable NVIDIA GPU and driver" in r.stderr
+    assert "cudaErrorInsufficientDriver" in r.stderr and "--skip-export" in r.stderr
+
+
+def test_real_builder_factory_failure_is_backend_unavailable(build_copy, sim, real_trt, monkeypatch):
+    """A GPU is visible but TensorRT's builder factory returns nullptr (pybind11 TypeError): exit 3, not a
+    traceback."""
+    monkeypatch.setitem(sys.modules, "tensorrt", real_trt)
+    with pytest.raises(BackendUnavailableError, match="TensorRT could not create a builder on NVIDIA H100"):
+        EngineBuilder(build_copy)
