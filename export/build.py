@@ -30,8 +30,8 @@ from dynaip_trt.manifest import Manifest
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.files import atomic_path, staged_files
 
-from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, plan_engines, record_engines,
-                      required_variants, system_section)
+from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, import_tensorrt_builder, plan_engines,
+                      record_engines, required_variants, system_section)
 from .onnx import add_common_args, build_family, configure_logging, envelope_from_args, export_all
 from .specs import Envelope
 
@@ -71,6 +71,16 @@ def write_plan(out_dir: Path, plans: list[EnginePlan], precision: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"precision": precision, "engines": [p.to_dict() for p in plans]}, indent=1))
     return path
+
+
+def engine_step_unavailable() -> str | None:
+    """Why the engine step cannot run on this machine (no TensorRT builder, no usable GPU), or ``None`` when it can:
+    the command exits 3 in the first case, 0 in the second."""
+    try:
+        import_tensorrt_builder()
+    except BackendUnavailableError as e:
+        return str(e)
+    return None
 
 
 def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbose: bool = False,

@@ -90,6 +90,15 @@ def test_the_fakes_reject_what_the_real_api_rejects(trt_state, real_trt):
     assert config.get_flag(trt.BuilderFlag.TF32), "TensorRT enables TF32 by default"
 
 
+def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt_state):
+    """What tests/test_build.py expects of the literal command follows the machine (defect 1): here TensorRT and a
+    GPU are present (fakes), so the engines are built and the exit code is 0, not 3."""
+    assert build.engine_step_unavailable() is None
+    assert build.main(["--precision", "fp16", "--skip-export", "--out", str(build_copy)]) == 0
+    assert Manifest.load(build_copy).tensorrt["precision"] == "fp16"
+    assert len(list(build_copy.glob("*.fp16.engine"))) == len(MODEL_IO)
+
+
 def test_real_tensorrt_without_a_gpu_exits_3_with_a_clear_message(build_copy):
     """The real (stubbed) tensorrt module and the real cuda-python without a driver: python -m export.build ends
     with exit 3 and one clear line, no traceback."""
@@ -100,6 +109,7 @@ def test_real_tensorrt_without_a_gpu_exits_3_with_a_clear_message(build_copy):
     assert "Traceback" not in r.stderr and "TypeError" not in r.stderr
     assert "the engine step cannot run here" in r.stderr and "no usable NVIDIA GPU and driver" in r.stderr
     assert "cudaErrorInsufficientDriver" in r.stderr and "--skip-export" in r.stderr
+    assert build.engine_step_unavailable() is not None
 
 
 def test_real_builder_factory_failure_is_backend_unavailable(build_copy, sim, real_trt, monkeypatch):
