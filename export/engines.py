@@ -13,7 +13,8 @@ parity (``python -m export.parity``):
 
 One optimization profile per engine spans the envelope: batch 1..max, subjects 1..max (opt 2), every requested
 resolution (opt: the first). A timing cache (``timing.cache`` in the build directory) is loaded before and saved
-after every build, so rebuilding after a re-export (or another precision) reuses measured tactics.
+after every build, so rebuilding after a re-export (or another precision) reuses measured tactics; a cache made on
+another GPU or TensorRT version is replaced by a fresh one (with a warning), never fatal.
 """
 
 from __future__ import annotations
@@ -176,7 +177,21 @@ class EngineBuilder:
             raise EngineBuildError(f"TensorRT's ONNX parser rejected {plan.onnx}: {errors}")
         return network, parser
 
-    def _config(self, plan: EnginePlan, cache_bytes: bytes):
+    def _timing_cache(self, config: Any) -> Any:
+        """Attach the build's timing cache to ``config``; one made on another GPU or TensorRT version (rejected by
+        ``set_timing_cache``) is replaced by a fresh cache, with a warning."""
+        cache_bytes = self.cache_path.read_bytes() if self.cache_path.is_file() else b""
+        cache = config.create_timing_cache(cache_bytes)
+        if config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        logger.warning("the timing cache %s was made on another GPU or TensorRT version: starting a fresh one "
+                       "(it is replaced after the build)", self.cache_path)
+        cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise EngineBuildError("TensorRT rejected a fresh timing cache (see the TensorRT log)")
+        return cache
+
+    def _config(self, plan: EnginePlan) -> Any:
         trt = self.trt
         config = self.builder.create_builder_config()
         for flag in plan.flags:
@@ -188,16 +203,14 @@ class EngineBuilder:
         for name, shapes in plan.profile.items():
             profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(profile)
-        cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        self._timing_cache(config)
         return config
 
     def build(self, plan: EnginePlan, into: Path) -> Path:
         """Build one engine into the folder ``into`` (a staging folder: the caller moves it into the build) and
         update the build's timing cache; both written atomically. Returns the engine's path."""
         network, _parser = self._network(plan)  # the parser owns weights the network refers to: keep it alive
-        cache_bytes = self.cache_path.read_bytes() if self.cache_path.is_file() else b""
-        config = self._config(plan, cache_bytes)
+        config = self._config(plan)
         t0 = time.perf_counter()
         serialized = self.builder.build_serialized_network(network, config)
         if serialized is None:
@@ -206,11 +219,20 @@ class EngineBuilder:
         path = into / plan.engine
         with atomic_path(path) as tmp:
             tmp.write_bytes(bytes(serialized))
-        with atomic_path(self.cache_path) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        self._save_timing_cache(config)
         logger.info("%s: %s engine (%s) built in %.1fs, %.1f MB", plan.model, plan.precision, plan.engine,
                     time.perf_counter() - t0, path.stat().st_size / 2**20)
         return path
+
+    def _save_timing_cache(self, config: Any) -> None:
+        """Write the config's timing cache over the build's (atomically); a missing cache only warns: the engine is
+        what matters."""
+        cache = config.get_timing_cache()
+        if cache is None:
+            logger.warning("TensorRT returned no timing cache; %s is left as it was", self.cache_path)
+            return
+        with atomic_path(self.cache_path) as tmp:
+            tmp.write_bytes(bytes(cache.serialize()))
 
 
 def record_engines(manifest: Manifest, directory: str | Path, plans: list[EnginePlan], system: dict[str, Any],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, captured
 from dynaip_trt.errors import BackendUnavailableError
 from dynaip_trt.manifest import MODEL_IO, Manifest, check_engine_sources, check_tensorrt_section
 from export import build
@@ -88,6 +89,25 @@ def test_the_fakes_reject_what_the_real_api_rejects(trt_state, real_trt):
         trt.Builder()
     config.builder_optimization_level = 5
     assert config.get_flag(trt.BuilderFlag.TF32), "TensorRT enables TF32 by default"
+
+
+def test_a_timing_cache_from_another_gpu_is_replaced_not_fatal(build_copy, trt_state):
+    (build_copy / "timing.cache").write_bytes(b"FAKE-TRT-TIMING-CACHE\n" + json.dumps(
+        {"device": "NVIDIA A100-SXM4-80GB", "entries": 7}).encode())
+    with captured("export.engines", logging.WARNING) as warnings:
+        run_build(build_copy)
+    assert any("made on another GPU or TensorRT version: starting a fresh one" in w for w in warnings)
+    assert len(list(build_copy.glob("*.engine"))) == len(MODEL_IO), "the engines are kept"
+    cache = json.loads((build_copy / "timing.cache").read_bytes().split(b"\n", 1)[1])
+    assert cache == {"device": "NVIDIA H100 80GB HBM3", "entries": len(MODEL_IO)}
+
+
+def test_a_missing_timing_cache_only_warns(build_copy, trt_state):
+    trt_state.timing_cache_none = True
+    with captured("export.engines", logging.WARNING) as warnings:
+        run_build(build_copy)
+    assert any("returned no timing cache" in w for w in warnings)
+    assert len(list(build_copy.glob("*.engine"))) == len(MODEL_IO) and not (build_copy / "timing.cache").exists()
 
 
 def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt_state):
