@@ -1,8 +1,15 @@
 """TensorRT and CUDA as the build and the runtime both see them: the one place that imports ``tensorrt`` and
-``cuda.bindings.runtime`` (cuda-python), says what to install when they are missing and finds the GPU without torch.
+``cuda.bindings.runtime`` (cuda-python), says what to install when they are missing, finds the GPU without torch and
+knows the supported TensorRT versions.
 
 Contract level: standard library only at import time; ``tensorrt`` and cuda-python are imported when a function
 here is called, through :func:`importlib.import_module` (so a test can put a stand-in in ``sys.modules``).
+
+Supported TensorRT lines (each checked against the real Python bindings in CI, ``tests/test_tensorrt_conformance.py``):
+
+    TensorRT      CUDA driver    extra                      cuda-python
+    10.8 - 10.x   12.x           pip install .[tensorrt-cu12]   12.6 - 12.x
+    11.0 - 11.x   13.x           pip install .[tensorrt-cu13]   13.x
 """
 
 from __future__ import annotations
@@ -18,7 +25,21 @@ from .errors import BackendUnavailableError, ConfigError, ResourceError
 logger = logging.getLogger(__name__)
 
 
-INSTALL_HINT = "pip install -e .[tensorrt] (needs an NVIDIA GPU with a CUDA driver)"
+@dataclass(frozen=True)
+class TensorRTLine:
+    """One supported TensorRT major version and what it needs."""
+
+    major: int
+    minimum: tuple[int, int]  # oldest supported (major, minor)
+    cuda: int  # CUDA major version of its wheels (and of the matching cuda-python)
+    extra: str  # the pyproject extra that installs it
+
+    def describe(self) -> str:
+        return f"TensorRT {self.minimum[0]}.{self.minimum[1]}-{self.major}.x with CUDA {self.cuda} (.[{self.extra}])"
+
+SUPPORTED = (TensorRTLine(10, (10, 8), 12, "tensorrt-cu12"), TensorRTLine(11, (11, 0), 13, "tensorrt-cu13"))
+INSTALL_HINT = ("pip install -e .[tensorrt-cu12] (TensorRT 10.x, CUDA 12 driver) or pip install -e .[tensorrt-cu13] "
+                "(TensorRT 11.x, CUDA 13 driver), on a machine with an NVIDIA GPU")
 CUDA_SUCCESS = 0
 CUDA_MEMORY_ERRORS = {2}  # cudaErrorMemoryAllocation
 # Errors meaning "no usable GPU or driver here" (insufficient driver, no device, stub library, initialization).
@@ -100,12 +121,53 @@ def require_gpu(index: int = 0, what: str = "the tensorrt backend") -> GpuInfo:
 
 # --- TensorRT ------------------------------------------------------------------------------------------------------
 
-def import_tensorrt(what: str = "the tensorrt backend") -> ModuleType:
-    """The ``tensorrt`` module, or :class:`BackendUnavailableError` saying what to install."""
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"10.8.0.43"`` -> ``(10, 8, 0, 43)`` (non-numeric parts end the tuple)."""
+    out = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
+
+
+def supported_line(version: str) -> TensorRTLine | None:
+    """The :data:`SUPPORTED` line TensorRT ``version`` belongs to, or ``None``."""
+    v = version_tuple(version)
+    for line in SUPPORTED:
+        if v[:1] == (line.major,) and v[:2] >= line.minimum:
+            return line
+    return None
+
+
+def check_version(trt: ModuleType, what: str) -> TensorRTLine:
+    """The supported line of the imported TensorRT module; :class:`BackendUnavailableError` for other versions.
+    Warns when cuda-python's major version is not the one this TensorRT line is built for."""
+    version = str(getattr(trt, "__version__", "?"))
+    line = supported_line(version)
+    if line is None:
+        ranges = "; ".join(ln.describe() for ln in SUPPORTED)
+        raise BackendUnavailableError(f"{what} supports {ranges}, but TensorRT {version} is installed: "
+                                      f"{INSTALL_HINT}")
     try:
-        return importlib.import_module("tensorrt")
+        bindings = importlib.import_module("cuda.bindings")
+    except ImportError:
+        return line
+    cuda_major = version_tuple(str(getattr(bindings, "__version__", "")))[:1]
+    if cuda_major and cuda_major != (line.cuda,):
+        logger.warning("TensorRT %s is built for CUDA %d but cuda-python %s is installed; install the matching "
+                       "cuda-python (pip install -e .[%s])", version, line.cuda, bindings.__version__, line.extra)
+    return line
+
+
+def import_tensorrt(what: str = "the tensorrt backend") -> ModuleType:
+    """The ``tensorrt`` module (a supported version), or :class:`BackendUnavailableError` saying what to install."""
+    try:
+        trt = importlib.import_module("tensorrt")
     except ImportError as e:
         raise BackendUnavailableError(f"{what} needs TensorRT: {INSTALL_HINT}") from e
+    check_version(trt, what)
+    return trt
 
 
 def import_tensorrt_gpu(device: int = 0, what: str = "the tensorrt backend") -> tuple[ModuleType, GpuInfo]:

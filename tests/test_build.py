@@ -51,7 +51,7 @@ def test_literal_command_exports_checks_and_builds_or_exits_3(literal_build):
     assert rc == build.EXIT_NEEDS_TENSORRT == 3
     error = [msg for msg in messages if "cannot run here" in msg]
     assert error and reason in error[0] and "--skip-export" in error[0]
-    assert "pip install -e .[tensorrt]" in error[0]
+    assert "pip install -e .[tensorrt-cu12]" in error[0]
     assert m.tensorrt is None and not list(out.glob("*.engine")), "no engine may be recorded when none was built"
 
 
@@ -133,5 +133,5 @@ def test_engines_of_a_changed_graph_are_stale(tiny_build, tmp_path):
 def test_builder_needs_tensorrt(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
     with pytest.raises(BackendUnavailableError, match=r"building TensorRT engines needs TensorRT: pip install -e "
-                                                      r"\.\[tensorrt\]"):
+                                                      r"\.\[tensorrt-cu12\]"):
         EngineBuilder(tmp_path)

@@ -125,7 +125,7 @@ def test_from_dir_errors(tmp_path):
 
 def test_tensorrt_backend_without_tensorrt_says_what_to_install(tiny_build, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
-    with pytest.raises(BackendUnavailableError, match=r"pip install -e \.\[tensorrt\].*NVIDIA GPU"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e \.\[tensorrt-cu12\].*NVIDIA GPU"):
         DynaIPEngine.from_dir(tiny_build, backend="tensorrt")
 
 

@@ -240,7 +240,7 @@ def test_without_tensorrt_or_cuda_python_the_backend_says_what_to_install(trt_bu
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
-    with pytest.raises(BackendUnavailableError, match=r"needs TensorRT: pip install -e \.\[tensorrt\]"):
+    with pytest.raises(BackendUnavailableError, match=r"needs TensorRT: pip install -e \.\[tensorrt-cu12\]"):
         TrtStages(trt_build)
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
