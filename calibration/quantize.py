@@ -89,6 +89,16 @@ class FP8Linear(nn.Module):
         self.register_buffer("input_scale", torch.tensor(max(input_amax, 1e-12) / FP8_E4M3_MAX))
         self.register_buffer("weight_scale", torch.tensor(max(weight_amax, 1e-12) / FP8_E4M3_MAX))
 
+    def _apply(self, fn, recurse=True):
+        """Casts (``.half()``, ``.to(dtype)``) keep both scales positive: a tiny amax / 448 is 0 in fp16, and
+        TensorRT's ONNX parser rejects a Q/DQ scale that is not positive. Each scale is clamped to the smallest
+        positive normal value of its dtype (subnormals may be flushed to zero on the GPU)."""
+        super()._apply(fn, recurse)
+        for name in ("input_scale", "weight_scale"):
+            scale = getattr(self, name)
+            setattr(self, name, scale.clamp_min(torch.finfo(scale.dtype).tiny))
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(fp8_qdq(x, self.input_scale), fp8_qdq(self.weight, self.weight_scale), self.bias)
 

@@ -6,6 +6,7 @@ Tolerances (tiny family, fp8 E4M3 per-tensor on an fp16 base, measured ~2e-3 ORT
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -101,6 +102,28 @@ def test_modelopt_max_calibration_agrees_with_collect(tiny_models, calib):
     for name, amax in table.layers.items():
         assert mo.layers[name]["input"] == pytest.approx(amax["input"], rel=1e-5), name
         assert mo.layers[name]["weight"] == pytest.approx(amax["weight"], rel=1e-5), name
+
+
+def test_fp8_scales_stay_positive_in_reduced_precision():
+    """A tiny activation range gives amax / 448 below fp16's range: the scale must not become 0 (TensorRT's ONNX
+    parser rejects non-positive Q/DQ scales), neither in the module nor in the exported graph."""
+    from calibration.quantize import FP8Linear, fp8_translation_table
+
+    layer = FP8Linear(torch.nn.Linear(8, 8), input_amax=1e-9, weight_amax=1e-30)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        scaled = copy.deepcopy(layer).to(dtype)
+        for scale in (scaled.input_scale, scaled.weight_scale):
+            assert scale.dtype == dtype and float(scale) >= torch.finfo(dtype).tiny > 0, (dtype, float(scale))
+    half = copy.deepcopy(layer).half().eval()
+    program = torch.onnx.export(half, (torch.randn(2, 8, dtype=torch.float16),), dynamo=True, opset_version=FP8_OPSET,
+                                custom_translation_table=fp8_translation_table(), optimize=False)
+    model = program.model_proto
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:  # constants folded into Constant nodes
+        if n.op_type == "Constant":
+            values[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    assert len(scales) == 2 and all(float(values[s]) > 0 for s in scales), {s: values.get(s) for s in scales}
 
 
 def test_fp8_qdq_rounds_to_e4m3_and_saturates():
