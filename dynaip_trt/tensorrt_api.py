@@ -1,6 +1,6 @@
 """TensorRT and CUDA as the build and the runtime both see them: the one place that imports ``tensorrt`` and
-``cuda.bindings.runtime`` (cuda-python), says what to install when they are missing, finds the GPU without torch and
-knows the supported TensorRT versions.
+``cuda.bindings.runtime`` (cuda-python), says what to install when they are missing, finds the GPU without torch,
+holds the process's single TensorRT logger and knows the supported TensorRT versions.
 
 Contract level: standard library only at import time; ``tensorrt`` and cuda-python are imported when a function
 here is called, through :func:`importlib.import_module` (so a test can put a stand-in in ``sys.modules``).
@@ -10,6 +10,11 @@ Supported TensorRT lines (each checked against the real Python bindings in CI, `
     TensorRT      CUDA driver    extra                      cuda-python
     10.8 - 10.x   12.x           pip install .[tensorrt-cu12]   12.6 - 12.x
     11.0 - 11.x   13.x           pip install .[tensorrt-cu13]   13.x
+
+TensorRT keeps one logger per process: the first ``ILogger`` handed to a builder or runtime is the one it uses. So
+every builder, parser and runtime of this package gets :func:`tensorrt_logger`, which forwards TensorRT's messages
+to the ``tensorrt`` Python logger (``--verbose`` sets that logger to DEBUG, where TensorRT's INFO and VERBOSE
+messages go).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from .errors import BackendUnavailableError, ConfigError, ResourceError
 
 logger = logging.getLogger(__name__)
+trt_log = logging.getLogger("tensorrt")  # where TensorRT's own messages go
 
 
 @dataclass(frozen=True)
@@ -176,3 +182,30 @@ def import_tensorrt_gpu(device: int = 0, what: str = "the tensorrt backend") -> 
     trt = import_tensorrt(what)
     return trt, require_gpu(device, what)
 
+
+_LOGGERS: dict[str, Any] = {}
+
+
+def tensorrt_logger(trt: ModuleType) -> Any:
+    """The process's one TensorRT logger for module ``trt`` (an ``ILogger`` forwarding to the ``tensorrt`` Python
+    logger: INTERNAL_ERROR/ERROR -> error, WARNING -> warning, INFO and VERBOSE -> debug).
+
+    Every builder, ONNX parser and runtime gets this object, so raising the Python logger's level (``--verbose``)
+    takes effect whichever of them TensorRT created first."""
+    key = trt.__name__
+    if key not in _LOGGERS:
+        severity = trt.ILogger.Severity
+        levels = {severity.INTERNAL_ERROR: logging.ERROR, severity.ERROR: logging.ERROR,
+                  severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG, severity.VERBOSE: logging.DEBUG}
+
+        class PythonLogger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, sev: Any, msg: str) -> None:
+                level = levels.get(sev, logging.INFO)
+                if trt_log.isEnabledFor(level):
+                    trt_log.log(level, "%s", msg)
+
+        _LOGGERS[key] = PythonLogger()
+    return _LOGGERS[key]

@@ -29,7 +29,7 @@ from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
 from dynaip_trt.files import atomic_path
 from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join, sha256_file
-from dynaip_trt.tensorrt_api import GpuInfo, import_tensorrt, require_gpu
+from dynaip_trt.tensorrt_api import GpuInfo, import_tensorrt, require_gpu, tensorrt_logger, trt_log
 
 from .specs import SPECS, Envelope, get_spec
 
@@ -150,13 +150,18 @@ def system_section(trt: Any, gpu: GpuInfo) -> dict[str, Any]:
 
 
 class EngineBuilder:
-    """Builds :class:`EnginePlan` engines into a build directory with TensorRT (on CUDA device ``device``)."""
+    """Builds :class:`EnginePlan` engines into a build directory with TensorRT (on CUDA device ``device``).
+
+    Every builder, parser and runtime of the process share one TensorRT logger
+    (:func:`~dynaip_trt.tensorrt_api.tensorrt_logger`); ``verbose`` shows TensorRT's INFO and VERBOSE messages.
+    """
 
     def __init__(self, directory: str | Path, verbose: bool = False, device: int = 0):
         self.trt, self.gpu = import_tensorrt_builder(device)
         self.directory = Path(directory)
-        severity = self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING
-        self.logger = self.trt.Logger(severity)
+        if verbose:
+            trt_log.setLevel(logging.DEBUG)
+        self.logger = tensorrt_logger(self.trt)
         try:
             self.builder = self.trt.Builder(self.logger)
         except TypeError as e:  # pybind11: the factory returned nullptr (no usable GPU or CUDA for TensorRT)

@@ -44,7 +44,7 @@ from dynaip_trt.conditioning import DiTCondition, dit_feeds
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError
 from dynaip_trt.manifest import (MODEL_IO, Manifest, check_engine_sources, check_profile, check_tensorrt_section,
                                  safe_join)
-from dynaip_trt.tensorrt_api import import_tensorrt_gpu
+from dynaip_trt.tensorrt_api import import_tensorrt_gpu, tensorrt_logger
 
 from . import cuda
 from .exported import TEXT_BRANCH_MESSAGE, ExportedStages
@@ -346,8 +346,7 @@ class TrtStages(ExportedStages):
         self._staging: dict[int, StagingRing] = {}
         with cuda.device_scope(device):
             self.stream = cuda.Stream()
-            self.trt_logger = trt.Logger(trt.Logger.WARNING)
-            runtime = trt.Runtime(self.trt_logger)
+            runtime = trt.Runtime(tensorrt_logger(trt))
             self.engines = {name: TrtEngine(trt, runtime, safe_join(directory, m.models[name].engine), name,
                                             m.models[name].profile) for name in MODEL_IO}
         logger.info("tensorrt %s: loaded %s from %s on %s (device %d, CUDA graphs %s)", trt.__version__,

@@ -122,7 +122,15 @@ def sim(real_rt, monkeypatch) -> CudaSim:
 
 
 @pytest.fixture()
-def trt_state(real_trt, sim, monkeypatch) -> TrtState:
+def fresh_loggers(monkeypatch):
+    """Forget the process's TensorRT logger (a new fake module is a new TensorRT)."""
+    from dynaip_trt import tensorrt_api
+
+    monkeypatch.setattr(tensorrt_api, "_LOGGERS", {})
+
+
+@pytest.fixture()
+def trt_state(real_trt, sim, monkeypatch, fresh_loggers) -> TrtState:
     """Checked fakes of TensorRT in place of ``tensorrt`` (on the simulated GPU)."""
     state = TrtState(device_name=sim.devices[0].name)
     monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(real_trt, sim, state))

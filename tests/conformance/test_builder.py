@@ -72,7 +72,9 @@ def test_a_misspelled_tensorrt_attribute_fails_the_build(build_copy, trt_state, 
 
 def test_the_fakes_reject_what_the_real_api_rejects(trt_state, real_trt):
     trt = sys.modules["tensorrt"]
-    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    from dynaip_trt.tensorrt_api import tensorrt_logger
+
+    builder = trt.Builder(tensorrt_logger(trt))
     config = builder.create_builder_config()
     cache = config.create_timing_cache(b"")
     with pytest.raises(TypeError, match="unexpected keyword argument 'ignore_mismatches'"):
@@ -89,6 +91,22 @@ def test_the_fakes_reject_what_the_real_api_rejects(trt_state, real_trt):
         trt.Builder()
     config.builder_optimization_level = 5
     assert config.get_flag(trt.BuilderFlag.TF32), "TensorRT enables TF32 by default"
+
+
+def test_verbose_reaches_the_one_tensorrt_logger(build_copy, trt_state):
+    """TensorRT keeps one logger per process: every builder, parser and runtime gets the same object, and a later
+    --verbose still shows TensorRT's verbose messages."""
+    EngineBuilder(build_copy)  # an earlier, quiet builder in the same process
+    try:
+        with captured("tensorrt", None) as quiet:
+            run_build(build_copy)
+        with captured("tensorrt", None) as verbose:
+            run_build(build_copy, verbose=True)
+    finally:
+        logging.getLogger("tensorrt").setLevel(logging.NOTSET)
+    assert len({id(lg) for lg in trt_state.loggers}) == 1 and len(trt_state.loggers) >= 2 * len(MODEL_IO) + 1
+    assert quiet == [], "TensorRT's INFO and VERBOSE messages only with --verbose"
+    assert sum("fake builder: building" in m for m in verbose) == len(MODEL_IO), verbose[:5]
 
 
 def test_a_timing_cache_from_another_gpu_is_replaced_not_fatal(build_copy, trt_state):
@@ -132,7 +150,7 @@ def test_real_tensorrt_without_a_gpu_exits_3_with_a_clear_message(build_copy):
     assert build.engine_step_unavailable() is not None
 
 
-def test_real_builder_factory_failure_is_backend_unavailable(build_copy, sim, real_trt, monkeypatch):
+def test_real_builder_factory_failure_is_backend_unavailable(build_copy, sim, real_trt, fresh_loggers, monkeypatch):
     """A GPU is visible but TensorRT's builder factory returns nullptr (pybind11 TypeError): exit 3, not a
     traceback."""
     monkeypatch.setitem(sys.modules, "tensorrt", real_trt)
