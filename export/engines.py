@@ -11,6 +11,11 @@ parity (``python -m export.parity``):
     bf16        <name>.bf16.onnx       text.bf16.onnx            dit.bf16.onnx
     fp8         <name>.fp16.onnx       text.onnx                 dit.fp8.onnx (FP8 Q/DQ linear layers on fp16)
 
+TF32: TensorRT enables ``BuilderFlag.TF32`` by default, so the fp32 layers of every engine (the text encoders of
+fp16 builds, fp32 islands of reduced-precision graphs) may round GEMM/convolution inputs to TF32 (10-bit mantissa);
+``export.parity`` compares fp32 engines with the TF32 tolerance. ``--no-tf32`` clears the flag (strict fp32;
+slower).
+
 One optimization profile per engine spans the envelope: batch 1..max, subjects 1..max (opt 2), every requested
 resolution (opt: the first). A timing cache (``timing.cache`` in the build directory) is loaded before and saved
 after every build, so rebuilding after a re-export (or another precision) reuses measured tactics; a cache made on
@@ -76,7 +81,8 @@ class EnginePlan:
         model: name in :data:`MODEL_IO`; onnx: source graph in the build directory; onnx_sha256: its hash.
         precision: engine precision label (``fp32`` for graphs kept in fp32); engine: output file name.
         strongly_typed: network created with ``STRONGLY_TYPED`` (types from the graph).
-        flags: ``trt.BuilderFlag`` names to set (``TF32`` lets fp32 matmuls use TF32 tensor cores).
+        flags: ``trt.BuilderFlag`` names to set (none by default).
+        tf32: keep TensorRT's default ``TF32`` flag (fp32 GEMMs may use TF32); ``False`` clears it (strict fp32).
         profile: ``{input: {"min": shape, "opt": shape, "max": shape}}``; one optimization profile.
         optimization_level: ``builder_optimization_level`` (0-5; 3 is TensorRT's default).
         workspace_bytes: workspace memory pool limit (``None``: TensorRT's default, all device memory).
@@ -90,6 +96,7 @@ class EnginePlan:
     strongly_typed: bool
     flags: tuple[str, ...]
     profile: dict[str, dict[str, list[int]]]
+    tf32: bool = True
     optimization_level: int = 3
     workspace_bytes: int | None = None
 
@@ -101,7 +108,7 @@ class EnginePlan:
 
 def plan_engines(manifest: Manifest, directory: str | Path, precision: str, envelope: Envelope | None = None,
                  names: tuple[str, ...] = tuple(MODEL_IO), optimization_level: int = 3,
-                 workspace_bytes: int | None = None) -> list[EnginePlan]:
+                 workspace_bytes: int | None = None, tf32: bool = True) -> list[EnginePlan]:
     """One :class:`EnginePlan` per model of ``names`` for an engine build in ``precision``.
 
     Profiles come from ``envelope`` (default: the profiles recorded at export). Raises :class:`ConfigError` when a
@@ -128,8 +135,8 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
         profile = get_spec(name, cfg).profile(envelope) if envelope is not None else entry.profile
         plans.append(EnginePlan(
             model=name, onnx=onnx_file, onnx_sha256=entry.files[onnx_file], precision=g,
-            engine=f"{name}.{precision}.engine", strongly_typed=True, flags=("TF32",) if g == "fp32" else (),
-            profile=profile, optimization_level=optimization_level, workspace_bytes=workspace_bytes))
+            engine=f"{name}.{precision}.engine", strongly_typed=True, flags=(), profile=profile, tf32=tf32,
+            optimization_level=optimization_level, workspace_bytes=workspace_bytes))
     return plans
 
 
@@ -201,6 +208,8 @@ class EngineBuilder:
         config = self.builder.create_builder_config()
         for flag in plan.flags:
             config.set_flag(getattr(trt.BuilderFlag, flag))
+        if not plan.tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
         config.builder_optimization_level = plan.optimization_level
         if plan.workspace_bytes:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)

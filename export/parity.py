@@ -53,7 +53,8 @@ FP16_REL_L2 = 3e-3  # measured 8.0e-4 (vae; dit 5.4e-4): 11-bit significand
 # dynaip_trt.attention.FP32TimeEmbedding kept FLUX's timestep/guidance * 1000 out of bf16): 8-bit significand.
 BF16_REL_L2 = 1e-1
 FP8_REL_L2 = 5e-2  # measured 1.3e-2 (dit, median 7.2e-3): FP8 E4M3 (4-bit significand) in every block GEMM, fp16 around
-# fp32 engines built with TensorRT's TF32 flag round GEMM inputs to TF32's 11-bit significand, as fp16 does.
+# fp32 engines: TensorRT's TF32 flag is on by default (export.build --no-tf32 clears it), and TF32 rounds GEMM inputs
+# to an 11-bit significand, as fp16 does.
 TF32_REL_L2 = FP16_REL_L2
 TOLERANCES = {"fp32": FP32_REL_L2, "fp16": FP16_REL_L2, "bf16": BF16_REL_L2, "fp8": FP8_REL_L2}
 
@@ -244,10 +245,11 @@ def graphs_of(entry: ModelEntry) -> dict[str, str]:
 
 def engine_precision(manifest: Manifest, name: str) -> tuple[str, float]:
     """Precision of ``name``'s engine (that of the graph it was built from, recorded in the manifest's
-    ``tensorrt`` section) and its tolerance (fp32 engines built with the TF32 flag: :data:`TF32_REL_L2`)."""
+    ``tensorrt`` section) and its tolerance. fp32 engines get :data:`TF32_REL_L2` unless built with TF32 cleared
+    (``export.build --no-tf32``): TensorRT's TF32 flag is on by default."""
     plan = (manifest.tensorrt or {}).get("engines", {}).get(name, {})
     precision = plan.get("precision", manifest.models[name].precision)
-    tf32 = precision == "fp32" and "TF32" in plan.get("flags", ())
+    tf32 = precision == "fp32" and plan.get("tf32", True)
     return precision, TF32_REL_L2 if tf32 else TOLERANCES[precision]
 
 

@@ -15,8 +15,9 @@ from onnx import TensorProto, helper
 
 from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo
-from export.parity import (FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES, graphs_of, main,
-                           onnxruntime_rows, reference_file, reference_point, save_references, tensorrt_unavailable)
+from export.parity import (FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES, engine_precision,
+                           graphs_of, main, onnxruntime_rows, reference_file, reference_point, save_references,
+                           tensorrt_unavailable)
 from export.specs import Envelope, get_spec
 
 
@@ -136,7 +137,7 @@ def test_tensorrt_rows_with_a_stand_in_engine(tiny_build, tmp_path, monkeypatch)
     m.models["clip"].profile["pixel_values"]["max"][0] = 1  # the reference batch is outside this engine's profile
     m.tensorrt = {"version": "10.8.0", "gpu": "NVIDIA H100", "compute_capability": [9, 0], "precision": "fp16",
                   "engines": {"dit": {"precision": "fp16", "flags": []}, "clip": {"precision": "fp16", "flags": []},
-                              "vae": {"precision": "fp32", "flags": ["TF32"]}}}
+                              "vae": {"precision": "fp32", "flags": []}}}  # TF32 is TensorRT's default
     m.save(build)
     monkeypatch.setattr(parity, "tensorrt_unavailable", lambda: None)
     monkeypatch.setattr(parity, "import_tensorrt_gpu", lambda what: (
@@ -160,6 +161,18 @@ def test_tensorrt_rows_with_a_stand_in_engine(tiny_build, tmp_path, monkeypatch)
     m.tensorrt["compute_capability"] = [8, 0]
     m.save(build)
     assert run_main(build, tmp_path, "--models", "dit")[0] == 2  # engines built for another GPU: refused
+
+
+def test_fp32_engines_get_the_tf32_tolerance_unless_built_without_it(tiny_build):
+    """TensorRT's TF32 flag is on by default: an fp32 engine is compared with the TF32 tolerance whether or not its
+    plan lists the flag; only --no-tf32 (plan tf32 false) gets the fp32 one."""
+    m = Manifest.load(tiny_build)
+    m.tensorrt = {"engines": {"vae": {"precision": "fp32", "flags": []},
+                              "text": {"precision": "fp32", "flags": [], "tf32": False},
+                              "clip": {"precision": "fp16"}}}
+    assert engine_precision(m, "vae") == ("fp32", TF32_REL_L2)
+    assert engine_precision(m, "text") == ("fp32", FP32_REL_L2)
+    assert engine_precision(m, "clip") == ("fp16", FP16_REL_L2)
 
 
 @pytest.mark.skipif(tensorrt_unavailable() is None, reason="TensorRT and a GPU are present")

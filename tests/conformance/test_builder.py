@@ -128,6 +128,13 @@ def test_a_missing_timing_cache_only_warns(build_copy, trt_state):
     assert len(list(build_copy.glob("*.engine"))) == len(MODEL_IO) and not (build_copy / "timing.cache").exists()
 
 
+def test_tf32_is_the_default_and_no_tf32_clears_it(build_copy, trt_state):
+    plans = run_build(build_copy, tf32=False)
+    assert all(not p.tf32 for p in plans)
+    assert all("TF32" not in b["flags"] for b in trt_state.builds), "strict fp32: TF32 cleared"
+    assert Manifest.load(build_copy).tensorrt["engines"]["vae"]["tf32"] is False
+
+
 def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt_state):
     """What tests/test_build.py expects of the literal command follows the machine (defect 1): here TensorRT and a
     GPU are present (fakes), so the engines are built and the exit code is 0, not 3."""
