@@ -189,6 +189,16 @@ class EngineBuilder:
             raise EngineBuildError(f"TensorRT's ONNX parser rejected {plan.onnx}: {errors}")
         return network, parser
 
+    def _profile(self, plan: EnginePlan) -> Any:
+        profile = self.builder.create_optimization_profile()
+        for name, shapes in plan.profile.items():
+            try:
+                profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+            except ValueError as e:
+                raise EngineBuildError(f"{plan.model}: TensorRT rejected the profile of input {name} (min "
+                                       f"{shapes['min']}, opt {shapes['opt']}, max {shapes['max']}): {e}") from e
+        return profile
+
     def _timing_cache(self, config: Any) -> Any:
         """Attach the build's timing cache to ``config``; one made on another GPU or TensorRT version (rejected by
         ``set_timing_cache``) is replaced by a fresh cache, with a warning."""
@@ -213,10 +223,9 @@ class EngineBuilder:
         config.builder_optimization_level = plan.optimization_level
         if plan.workspace_bytes:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-        profile = self.builder.create_optimization_profile()
-        for name, shapes in plan.profile.items():
-            profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(self._profile(plan)) < 0:
+            raise EngineBuildError(f"{plan.model}: TensorRT rejected the optimization profile {plan.profile} (an "
+                                   f"input missing or shapes inconsistent with {plan.onnx}; see the TensorRT log)")
         self._timing_cache(config)
         return config
 

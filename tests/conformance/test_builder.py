@@ -17,7 +17,7 @@ from conftest import REPO, captured
 from dynaip_trt.errors import BackendUnavailableError
 from dynaip_trt.manifest import MODEL_IO, Manifest, check_engine_sources, check_tensorrt_section
 from export import build
-from export.engines import EngineBuilder, EngineBuildError
+from export.engines import EngineBuilder, EngineBuildError, plan_engines
 from export.specs import Envelope
 
 
@@ -133,6 +133,18 @@ def test_tf32_is_the_default_and_no_tf32_clears_it(build_copy, trt_state):
     assert all(not p.tf32 for p in plans)
     assert all("TF32" not in b["flags"] for b in trt_state.builds), "strict fp32: TF32 cleared"
     assert Manifest.load(build_copy).tensorrt["engines"]["vae"]["tf32"] is False
+
+
+def test_profile_errors_are_build_errors(build_copy, trt_state):
+    m = Manifest.load(build_copy)
+    plan = plan_engines(m, build_copy, "fp16", names=("vae",))[0]
+    builder = EngineBuilder(build_copy)
+    bad = {"latents": {"min": [2, 16, 8, 8], "opt": [1, 16, 8, 8], "max": [4, 16, 8, 8]}}
+    with pytest.raises(EngineBuildError, match=r"vae: TensorRT rejected the profile of input latents \(min "
+                                               r"\[2, 16, 8, 8\], opt \[1, 16, 8, 8\]"):
+        builder.build(plan.__class__(**{**plan.__dict__, "profile": bad}), build_copy)
+    with pytest.raises(EngineBuildError, match="vae: TensorRT rejected the optimization profile {}"):
+        builder.build(plan.__class__(**{**plan.__dict__, "profile": {}}), build_copy)
 
 
 def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt_state):
