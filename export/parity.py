@@ -165,16 +165,24 @@ def first_line(error: Exception, limit: int = 120) -> str:
     return (str(error).splitlines() or [""])[0][:limit]
 
 
-def run_runner(runner, feeds: Arrays) -> Arrays:
+def run_runner(runner, feeds: Arrays, as_torch: bool = False) -> Arrays:
     """Activate a polygraphy runner, run ``feeds`` once (each cast to the dtype its input declares) and return
-    copies of its outputs (runners reuse their output buffers)."""
+    float32 copies of its outputs (runners reuse their output buffers).
+
+    ``as_torch``: feed CPU torch tensors (polygraphy then returns torch tensors): numpy has no bfloat16, so a
+    runner with bf16 inputs or outputs (TensorRT engines) is only usable this way; outputs are compared through
+    a float32 view."""
     from polygraphy.datatype import DataType
 
     with runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
+        if as_torch:
+            feed = {n: torch.from_numpy(np.ascontiguousarray(a)).to(DataType.to_dtype(meta[n].dtype, "torch"))
+                    for n, a in feeds.items()}
+            return {n: o.detach().to("cpu", torch.float32).numpy().copy() for n, o in runner.infer(feed).items()}
         feed = {n: np.ascontiguousarray(a, dtype=DataType.to_dtype(meta[n].dtype, "numpy"))
                 for n, a in feeds.items()}
-        return {n: np.array(o) for n, o in runner.infer(feed).items()}
+        return {n: np.array(o, dtype=np.float32) for n, o in runner.infer(feed).items()}
 
 
 def run_onnxruntime(path: Path, feeds: Arrays) -> Arrays:
@@ -189,7 +197,7 @@ def run_tensorrt(path: Path, feeds: Arrays) -> Arrays:
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    return run_runner(TrtRunner(EngineFromBytes(BytesFromPath(str(path)))), feeds)
+    return run_runner(TrtRunner(EngineFromBytes(BytesFromPath(str(path)))), feeds, as_torch=True)
 
 
 def tensorrt_unavailable() -> str | None:

@@ -16,8 +16,8 @@ from onnx import TensorProto, helper
 from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo
 from export.parity import (FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES, engine_precision,
-                           graphs_of, main, onnxruntime_rows, reference_file, reference_point, save_references,
-                           tensorrt_unavailable)
+                           graphs_of, main, onnxruntime_rows, reference_file, reference_point, run_runner,
+                           save_references, tensorrt_unavailable)
 from export.specs import Envelope, get_spec
 
 
@@ -173,6 +173,48 @@ def test_fp32_engines_get_the_tf32_tolerance_unless_built_without_it(tiny_build)
     assert engine_precision(m, "vae") == ("fp32", TF32_REL_L2)
     assert engine_precision(m, "text") == ("fp32", FP32_REL_L2)
     assert engine_precision(m, "clip") == ("fp16", FP16_REL_L2)
+
+
+class BF16Runner:
+    """A polygraphy runner with a bfloat16 input and output, converting dtypes as polygraphy's TrtRunner does
+    (numpy feeds -> numpy buffers, torch feeds -> torch tensors; numpy has no bfloat16)."""
+
+    def __init__(self):
+        from polygraphy.common import TensorMetadata
+        from polygraphy.datatype import DataType
+
+        self.meta = TensorMetadata().add("x", DataType.BFLOAT16, (2, 3))
+        self.bf16 = DataType.BFLOAT16
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def get_input_metadata(self, use_numpy_dtypes=False):
+        return self.meta
+
+    def infer(self, feed):
+        from polygraphy import util
+        from polygraphy.datatype import DataType
+
+        x = feed["x"]
+        as_torch = util.array.is_torch(x)
+        out_dtype = DataType.to_dtype(self.bf16, "torch" if as_torch else "numpy")  # numpy: raises, like TrtRunner
+        return {"y": (x.float() * 2).to(out_dtype)}
+
+
+def test_bf16_engine_outputs_are_compared_through_float32():
+    from polygraphy.exception import PolygraphyException
+
+    x = np.array([[1.0, 1.00390625, -2.5], [0.1, 3.0, 1e-3]], np.float32)
+    with pytest.raises(PolygraphyException, match="bfloat16"):
+        run_runner(BF16Runner(), {"x": x})  # numpy feeds cannot carry bfloat16
+    y = run_runner(BF16Runner(), {"x": x}, as_torch=True)["y"]
+    expected = (torch.from_numpy(x).to(torch.bfloat16).float() * 2).to(torch.bfloat16).float().numpy()
+    assert y.dtype == np.float32 and y.shape == (2, 3)
+    np.testing.assert_array_equal(y, expected)
 
 
 @pytest.mark.skipif(tensorrt_unavailable() is None, reason="TensorRT and a GPU are present")
