@@ -1,6 +1,6 @@
-"""TensorRT and CUDA as the build and the runtime both see them: the one place that imports ``tensorrt`` and
-``cuda.bindings.runtime`` (cuda-python), says what to install when they are missing, finds the GPU without torch,
-holds the process's single TensorRT logger and knows the supported TensorRT versions.
+"""TensorRT and CUDA as the build and the runtime both see them: the one place that imports ``tensorrt`` (or
+``tensorrt_lean``) and ``cuda.bindings.runtime`` (cuda-python), says what to install when they are missing, finds
+the GPU without torch, holds the process's single TensorRT logger and knows the supported TensorRT versions.
 
 Contract level: standard library only at import time; ``tensorrt`` and cuda-python are imported when a function
 here is called, through :func:`importlib.import_module` (so a test can put a stand-in in ``sys.modules``).
@@ -166,21 +166,34 @@ def check_version(trt: ModuleType, what: str) -> TensorRTLine:
     return line
 
 
-def import_tensorrt(what: str = "the tensorrt backend") -> ModuleType:
-    """The ``tensorrt`` module (a supported version), or :class:`BackendUnavailableError` saying what to install."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError as e:
-        raise BackendUnavailableError(f"{what} needs TensorRT: {INSTALL_HINT}") from e
-    check_version(trt, what)
-    return trt
+def import_tensorrt(what: str = "the tensorrt backend", lean: bool = False) -> ModuleType:
+    """The ``tensorrt`` module (a supported version), or :class:`BackendUnavailableError` saying what to install.
+
+    ``lean``: fall back to the lean runtime ``tensorrt_lean`` (pip ``tensorrt-lean-cu12``/``-cu13``) when the full
+    ``tensorrt`` is absent; it runs only engines built version-compatible (``export.build --version-compatible``).
+    """
+    names = ("tensorrt", "tensorrt_lean") if lean else ("tensorrt",)
+    for name in names:
+        try:
+            trt = importlib.import_module(name)
+        except ImportError:
+            continue
+        check_version(trt, what)
+        return trt
+    raise BackendUnavailableError(f"{what} needs TensorRT: {INSTALL_HINT}")
 
 
-def import_tensorrt_gpu(device: int = 0, what: str = "the tensorrt backend") -> tuple[ModuleType, GpuInfo]:
+def import_tensorrt_gpu(device: int = 0, what: str = "the tensorrt backend", lean: bool = False
+                        ) -> tuple[ModuleType, GpuInfo]:
     """``(tensorrt, GpuInfo of device)`` when TensorRT and that GPU are usable; otherwise
     :class:`BackendUnavailableError` naming what is missing (TensorRT first, then cuda-python, driver, GPU)."""
-    trt = import_tensorrt(what)
+    trt = import_tensorrt(what, lean)
     return trt, require_gpu(device, what)
+
+
+def is_lean(trt: ModuleType) -> bool:
+    """Whether ``trt`` is a lean (runtime-only) TensorRT module."""
+    return trt.__name__.split(".")[0] == "tensorrt_lean" or not hasattr(trt, "Builder")
 
 
 _LOGGERS: dict[str, Any] = {}

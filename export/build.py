@@ -98,7 +98,7 @@ def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbos
 def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelope: Envelope, calib_dir: str | Path,
         opset: int, skip_export: bool = False, plan_only: bool = False, optimization_level: int = 3,
         workspace_bytes: int | None = None, calib_samples: int = 8, verbose: bool = False,
-        progress: bool = True, tf32: bool = True) -> list[EnginePlan]:
+        progress: bool = True, tf32: bool = True, version_compatible: bool = False) -> list[EnginePlan]:
     """The whole build (see the module docstring); returns the engine plans. ``models`` may be ``None`` only with
     ``skip_export`` for fp16/bf16 (nothing to export or calibrate). Raises :class:`BackendUnavailableError` after
     the ONNX step when engines cannot be built here."""
@@ -117,7 +117,7 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
         prepare_fp8(models, out_dir, Path(calib_dir), calib_samples, progress)
     manifest = Manifest.load(out_dir)
     plans = plan_engines(manifest, out_dir, precision, envelope, optimization_level=optimization_level,
-                         workspace_bytes=workspace_bytes, tf32=tf32)
+                         workspace_bytes=workspace_bytes, tf32=tf32, version_compatible=version_compatible)
     path = write_plan(out_dir, plans, precision)
     logger.info("ONNX graphs exported and checked; engine plan in %s", path)
     if not plan_only:
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: no limit)")
     p.add_argument("--no-tf32", action="store_true",
                    help="clear TensorRT's default TF32 flag: fp32 layers compute in strict fp32 (slower)")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="engines later TensorRT versions of the same major version (and tensorrt_lean) can run")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
     if args.precision not in ENGINE_PRECISIONS:
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         run(models, args.out or f"build/{name}", args.precision, envelope_from_args(args, models.config),
             args.calib or f"calib/{name}", args.opset, args.skip_export, args.plan_only, args.opt_level,
             int(args.workspace_gib * 2**30) if args.workspace_gib else None, args.calib_samples, args.verbose,
-            tf32=not args.no_tf32)
+            tf32=not args.no_tf32, version_compatible=args.version_compatible)
     except BackendUnavailableError as e:
         logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "
                      "Copy the build directory to a GPU machine with TensorRT and run this command with "

@@ -20,6 +20,9 @@ One optimization profile per engine spans the envelope: batch 1..max, subjects 1
 resolution (opt: the first). A timing cache (``timing.cache`` in the build directory) is loaded before and saved
 after every build, so rebuilding after a re-export (or another precision) reuses measured tactics; a cache made on
 another GPU or TensorRT version is replaced by a fresh one (with a warning), never fatal.
+
+``--version-compatible`` builds engines that later TensorRT versions of the same major version (and the lean runtime
+``tensorrt_lean``) can run (``BuilderFlag.VERSION_COMPATIBLE``; possibly slower).
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class EnginePlan:
         model: name in :data:`MODEL_IO`; onnx: source graph in the build directory; onnx_sha256: its hash.
         precision: engine precision label (``fp32`` for graphs kept in fp32); engine: output file name.
         strongly_typed: network created with ``STRONGLY_TYPED`` (types from the graph).
-        flags: ``trt.BuilderFlag`` names to set (none by default).
+        flags: ``trt.BuilderFlag`` names to set (e.g. ``VERSION_COMPATIBLE``).
         tf32: keep TensorRT's default ``TF32`` flag (fp32 GEMMs may use TF32); ``False`` clears it (strict fp32).
         profile: ``{input: {"min": shape, "opt": shape, "max": shape}}``; one optimization profile.
         optimization_level: ``builder_optimization_level`` (0-5; 3 is TensorRT's default).
@@ -108,7 +111,8 @@ class EnginePlan:
 
 def plan_engines(manifest: Manifest, directory: str | Path, precision: str, envelope: Envelope | None = None,
                  names: tuple[str, ...] = tuple(MODEL_IO), optimization_level: int = 3,
-                 workspace_bytes: int | None = None, tf32: bool = True) -> list[EnginePlan]:
+                 workspace_bytes: int | None = None, tf32: bool = True, version_compatible: bool = False
+                 ) -> list[EnginePlan]:
     """One :class:`EnginePlan` per model of ``names`` for an engine build in ``precision``.
 
     Profiles come from ``envelope`` (default: the profiles recorded at export). Raises :class:`ConfigError` when a
@@ -119,6 +123,7 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
         raise ConfigError(f"optimization level {optimization_level} is outside TensorRT's range 0..5")
     if envelope is not None and envelope.subjects[2] > cfg.max_subjects:
         raise ConfigError(f"--max-subjects {envelope.subjects[2]} exceeds the config's maximum {cfg.max_subjects}")
+    flags = ("VERSION_COMPATIBLE",) if version_compatible else ()
     plans = []
     for name in names:
         if name not in manifest.models:
@@ -135,19 +140,15 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
         profile = get_spec(name, cfg).profile(envelope) if envelope is not None else entry.profile
         plans.append(EnginePlan(
             model=name, onnx=onnx_file, onnx_sha256=entry.files[onnx_file], precision=g,
-            engine=f"{name}.{precision}.engine", strongly_typed=True, flags=(), profile=profile, tf32=tf32,
+            engine=f"{name}.{precision}.engine", strongly_typed=True, flags=flags, profile=profile, tf32=tf32,
             optimization_level=optimization_level, workspace_bytes=workspace_bytes))
     return plans
 
 
 def import_tensorrt_builder(device: int = 0) -> tuple[Any, GpuInfo]:
     """``(tensorrt, GpuInfo)`` with TensorRT's builder and a usable GPU, or :class:`BackendUnavailableError` naming
-    what is missing (TensorRT tunes tactics on the GPU the engines will run on; ``tensorrt-lean`` has a runtime but
-    no builder)."""
+    what is missing (TensorRT tunes tactics on the GPU the engines will run on)."""
     trt = import_tensorrt(WHAT)
-    if not hasattr(trt, "Builder"):
-        raise BackendUnavailableError(f"the installed tensorrt {getattr(trt, '__version__', '?')} has no builder "
-                                      f"(a lean/dispatch runtime); install the full TensorRT")
     return trt, require_gpu(device, WHAT)
 
 
@@ -261,13 +262,16 @@ class EngineBuilder:
 def record_engines(manifest: Manifest, directory: str | Path, plans: list[EnginePlan], system: dict[str, Any],
                    precision: str) -> Manifest:
     """Point the manifest's entries at the built engines (hashed) and write its ``tensorrt`` section: the system
-    they were built on, the requested precision and each engine's plan (source graph hash included, so the
-    runtime can tell an engine built from an older graph). Saved atomically."""
+    they were built on, the requested precision, whether the engines are version-compatible, and each engine's
+    plan (source graph hash included, so the runtime can tell an engine built from an older graph). Saved
+    atomically."""
     for plan in plans:
         entry = manifest.models[plan.model]
         entry.engine = plan.engine
         entry.files[plan.engine] = sha256_file(safe_join(directory, plan.engine))
         entry.profile = plan.profile
-    manifest.tensorrt = {**system, "precision": precision, "engines": {p.model: p.to_dict() for p in plans}}
+    manifest.tensorrt = {**system, "precision": precision,
+                         "version_compatible": all("VERSION_COMPATIBLE" in p.flags for p in plans),
+                         "engines": {p.model: p.to_dict() for p in plans}}
     manifest.save(directory)
     return manifest

@@ -22,8 +22,10 @@ Host I/O types: float32, float16, int32, int64, bool and bfloat16 (numpy has non
 rounded to nearest even on the way in). Outputs come back as float32.
 
 ``tensorrt`` and cuda-python are imported when :class:`TrtStages` is created; without them (or without a GPU) it
-raises :class:`~dynaip_trt.errors.BackendUnavailableError` naming what to install. The manifest's ``tensorrt``
-section must describe the system the engines were built on (:func:`~dynaip_trt.manifest.check_tensorrt_section`)::
+raises :class:`~dynaip_trt.errors.BackendUnavailableError` naming what to install. The lean runtime
+(``tensorrt_lean``) is used when the full ``tensorrt`` is not installed, for engines built with
+``python -m export.build --version-compatible``. The manifest's ``tensorrt`` section must describe the system the
+engines were built on (:func:`~dynaip_trt.manifest.check_tensorrt_section`)::
 
     {"version": "10.8.0.43", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0], ...}
 """
@@ -44,7 +46,7 @@ from dynaip_trt.conditioning import DiTCondition, dit_feeds
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError
 from dynaip_trt.manifest import (MODEL_IO, Manifest, check_engine_sources, check_profile, check_tensorrt_section,
                                  safe_join)
-from dynaip_trt.tensorrt_api import import_tensorrt_gpu, tensorrt_logger
+from dynaip_trt.tensorrt_api import import_tensorrt_gpu, is_lean, tensorrt_logger
 
 from . import cuda
 from .exported import TEXT_BRANCH_MESSAGE, ExportedStages
@@ -326,12 +328,17 @@ class TrtStages(ExportedStages):
 
     def __init__(self, directory: str | Path, manifest: Manifest | None = None, device: int = 0,
                  cuda_graphs: bool = True, max_graphs: int = 4) -> None:
-        trt, gpu = import_tensorrt_gpu(device)
+        trt, gpu = import_tensorrt_gpu(device, lean=True)
         super().__init__(directory, manifest)
         if max_graphs < 1:
             raise ConfigError(f"max_graphs must be >= 1, not {max_graphs}")
         m, directory = self.manifest, self.directory
         check_tensorrt_section(m.tensorrt, trt.__version__, gpu.name, gpu.compute_capability, directory)
+        version_compatible = bool(m.tensorrt.get("version_compatible"))
+        if is_lean(trt) and not version_compatible:
+            raise BackendUnavailableError(f"{directory}: only the lean TensorRT runtime (tensorrt_lean) is installed, "
+                                          f"which runs engines built with python -m export.build "
+                                          f"--version-compatible; install the full tensorrt or rebuild")
         check_engine_sources(m, directory)
         for name in MODEL_IO:
             entry = m.models[name]
@@ -347,6 +354,8 @@ class TrtStages(ExportedStages):
         with cuda.device_scope(device):
             self.stream = cuda.Stream()
             runtime = trt.Runtime(tensorrt_logger(trt))
+            if version_compatible:  # such plans embed their lean runtime; the manifest's hashes vouch for them
+                runtime.engine_host_code_allowed = True
             self.engines = {name: TrtEngine(trt, runtime, safe_join(directory, m.models[name].engine), name,
                                             m.models[name].profile) for name in MODEL_IO}
         logger.info("tensorrt %s: loaded %s from %s on %s (device %d, CUDA graphs %s)", trt.__version__,

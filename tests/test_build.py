@@ -120,6 +120,7 @@ def test_engines_of_a_changed_graph_are_stale(tiny_build, tmp_path):
     m = Manifest.load(out)
     m.verify(out)
     assert m.tensorrt["precision"] == "fp16" and set(m.tensorrt["engines"]) == set(MODEL_IO)
+    assert m.tensorrt["version_compatible"] is False
     for p in plans:
         assert m.models[p.model].engine == p.engine and m.models[p.model].profile == p.profile
     check_tensorrt_section(m.tensorrt, "10.8.0.43", "NVIDIA H100 80GB HBM3", (9, 0), out)

@@ -144,6 +144,15 @@ def test_tensorrt_manifest_section_is_checked_against_the_system(caplog):
     assert "built on a NVIDIA H100 80GB HBM3 and run on a NVIDIA H100 NVL" in caplog.text
 
 
+def test_version_compatible_engines_run_on_later_releases_of_the_same_major():
+    compatible = {**TRT_SECTION, "version_compatible": True}
+    for later in ("10.8.0.43", "10.9.0.34", "10.16.1.11"):
+        check_tensorrt_section(compatible, later, "NVIDIA H100 80GB HBM3", (9, 0), "d")
+    for other in ("10.7.0", "11.0.0.114"):
+        with pytest.raises(ManifestError, match=f"built with TensorRT 10.8.0.43 but TensorRT {other} is installed"):
+            check_tensorrt_section(compatible, other, "NVIDIA H100 80GB HBM3", (9, 0), "d")
+
+
 def test_engine_profile_bounds_are_checked():
     profile = {"latents": {"min": [1, 16, 64], "opt": [1, 16, 64], "max": [2, 64, 64]}}
     check_profile("dit", profile, {"latents": (2, 64, 64), "not_profiled": (9,)})

@@ -40,7 +40,7 @@ def test_engine_build_calls_the_real_api(build_copy, trt_state, real_trt):
     m.verify(build_copy)
     section = m.tensorrt
     assert section["version"] == real_trt.__version__ and section["gpu"] == "NVIDIA H100 80GB HBM3"
-    assert section["compute_capability"] == [9, 0]
+    assert section["compute_capability"] == [9, 0] and section["version_compatible"] is False
     check_tensorrt_section(section, real_trt.__version__, "NVIDIA H100 80GB HBM3", (9, 0), build_copy)
     check_engine_sources(m, build_copy)
     assert json.loads((build_copy / "timing.cache").read_bytes().split(b"\n", 1)[1])["entries"] == len(MODEL_IO)
@@ -145,6 +145,16 @@ def test_profile_errors_are_build_errors(build_copy, trt_state):
         builder.build(plan.__class__(**{**plan.__dict__, "profile": bad}), build_copy)
     with pytest.raises(EngineBuildError, match="vae: TensorRT rejected the optimization profile {}"):
         builder.build(plan.__class__(**{**plan.__dict__, "profile": {}}), build_copy)
+
+
+def test_version_compatible_engines_are_flagged_and_recorded(build_copy, trt_state):
+    plans = run_build(build_copy, version_compatible=True)
+    assert all(p.flags == ("VERSION_COMPATIBLE",) for p in plans)
+    assert all(b["flags"] == ["TF32", "VERSION_COMPATIBLE"] for b in trt_state.builds)
+    section = Manifest.load(build_copy).tensorrt
+    assert section["version_compatible"] is True
+    major = section["version"].split(".")[0]
+    check_tensorrt_section(section, f"{major}.99.0.0", section["gpu"], (9, 0), build_copy)  # a later minor: fine
 
 
 def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt_state):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import dit_fn, install_synthetic_dit
+from conftest import dit_fn, fake_engine_build, install_synthetic_dit
 from cuda_sim import Device
 from dynaip_trt.conditioning import DiTCondition, ReferenceKV
 from dynaip_trt.errors import BackendUnavailableError, InputError, ManifestError, ResourceError
@@ -246,6 +246,34 @@ def test_without_tensorrt_or_cuda_python_the_backend_says_what_to_install(trt_bu
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
     with pytest.raises(BackendUnavailableError, match=r"needs cuda-python"):
         TrtStages(trt_build)
+
+
+@pytest.mark.lean
+def test_the_lean_runtime_runs_version_compatible_engines_only(build_copy, sim, trt_state, new_dit_io,
+                                                                monkeypatch):
+    """tensorrt_lean (real classes, checked fakes) instead of the full tensorrt: engines built with
+    --version-compatible load (with engine host code allowed) and run; others are refused with what to do."""
+    import importlib
+
+    from runtime.trt_backend import TrtStages
+    from trt_fakes import make_tensorrt
+
+    real_lean = importlib.import_module("tensorrt_lean")
+    fake_engine_build(build_copy, version_compatible=True)
+    m = Manifest.load(build_copy)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_lean", make_tensorrt(real_lean, sim, trt_state))
+    stages = TrtStages(build_copy)
+    assert stages.trt.__name__ == "tensorrt_lean" and trt_state.runtimes[-1].engine_host_code_allowed is True
+    noise, cond = condition(m, 1, 2)
+    session = stages.denoise_session(noise, cond)
+    session.step(1.0, 0.5)
+    np.testing.assert_allclose(session.latents(), euler_reference(noise, cond, [1.0, 0.5]), rtol=1e-6, atol=1e-6)
+    stages.close()
+    m.tensorrt["version_compatible"] = False
+    m.save(build_copy)
+    with pytest.raises(BackendUnavailableError, match="only the lean TensorRT runtime .* --version-compatible"):
+        TrtStages(build_copy)
 
 
 def test_cuda_calls_are_checked_by_the_real_binding(sim):
