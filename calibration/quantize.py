@@ -39,7 +39,7 @@ from torch import nn
 
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
 from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers, to_fp8
-from dynaip_trt.manifest import MODEL_IO, Manifest
+from dynaip_trt.manifest import MODEL_IO, Manifest, fp8_variant
 from dynaip_trt.metrics import cosine, psnr, rel_l2
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.files import atomic_path, staged_files
@@ -228,8 +228,9 @@ def check_qdq_placement(model: onnx.ModelProto, layers: list[str]) -> None:
 
 def export_fp8_variant(build_dir: str | Path, models: DynaIPModels, table: AmaxTable, base: str = "fp16",
                        opset: int = FP8_OPSET) -> Manifest:
-    """Export the FP8 DiT (``dit.fp8.onnx``, ``base`` elsewhere) into a build directory and list it in its manifest
-    as the ``fp8`` variant of ``dit``. Q/DQ placement is checked before anything is moved into place."""
+    """Export the FP8 DiT (``dit.fp8-<base>.onnx``, ``base`` elsewhere) into a build directory and list it in its
+    manifest as the ``fp8-<base>`` variant of ``dit`` (:func:`~dynaip_trt.manifest.fp8_variant`). Q/DQ placement is
+    checked before anything is moved into place."""
     build_dir = Path(build_dir)
     manifest = Manifest.load(build_dir)
     if "dit" not in manifest.models:
@@ -237,11 +238,11 @@ def export_fp8_variant(build_dir: str | Path, models: DynaIPModels, table: AmaxT
     if base not in ("fp16", "bf16"):
         raise ConfigError(f"--fp8-base {base!r}: choose fp16 or bf16")
     with staged_files(build_dir, prefix=".fp8-") as staging:
-        files, _ = export_model(FP8DiTSpec(models, table), staging / variant_file("dit", "fp8"), opset,
+        files, _ = export_model(FP8DiTSpec(models, table), staging / variant_file("dit", fp8_variant(base)), opset,
                                 TORCH_DTYPES[base], translation_table=fp8_translation_table())
         check_qdq_placement(onnx.load(str(files[0]), load_external_data=False), sorted(table.layers))
     final = [build_dir / f.name for f in files]
-    add_variant(manifest.models["dit"], "fp8", final)
+    add_variant(manifest.models["dit"], fp8_variant(base), final)
     manifest.save(build_dir)
     logger.info("wrote %s (%d FP8 linear layers, %s elsewhere, opset %d)", final[0], len(table.layers), base, opset)
     return manifest
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", nargs="?", const="", default=None,
                    help="write the FP8/fp16/bf16 quality report (default <calib>/quality.json)")
     p.add_argument("--samples", type=int, default=2, help="full generations in the quality report")
-    p.add_argument("--export", metavar="BUILD_DIR", help="add dit.fp8.onnx to this build directory")
+    p.add_argument("--export", metavar="BUILD_DIR", help="add dit.fp8-<base>.onnx to this build directory")
     p.add_argument("--fp8-base", choices=("fp16", "bf16"), default="fp16", help="precision of the non-FP8 ops")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)

@@ -43,6 +43,13 @@ MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae": (("latents",), ("images",)),
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+FP8_BASES = ("bf16", "fp16")  # precision of the non-quantized ops of an FP8 graph (first: the engine default)
+
+
+def fp8_variant(base: str) -> str:
+    """Manifest variant key (and file infix) of the FP8 DiT graph whose other ops are in ``base``: ``fp8-bf16``
+    (``dit.fp8-bf16.onnx``) or ``fp8-fp16``."""
+    return f"fp8-{base}"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -43,6 +43,7 @@ class TensorRTLine:
     def describe(self) -> str:
         return f"TensorRT {self.minimum[0]}.{self.minimum[1]}-{self.major}.x with CUDA {self.cuda} (.[{self.extra}])"
 
+
 SUPPORTED = (TensorRTLine(10, (10, 8), 12, "tensorrt-cu12"), TensorRTLine(11, (11, 0), 13, "tensorrt-cu13"))
 INSTALL_HINT = ("pip install -e .[tensorrt-cu12] (TensorRT 10.x, CUDA 12 driver) or pip install -e .[tensorrt-cu13] "
                 "(TensorRT 11.x, CUDA 13 driver), on a machine with an NVIDIA GPU")

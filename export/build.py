@@ -2,14 +2,16 @@
 
     python -m export.build --precision fp16                       # the embedded tiny default -> build/tiny
     python -m export.build --precision fp8 --config flux-dev --resolutions 1024x1024,768x1344 --max-subjects 4
+        [--fp8-base bf16|fp16] [--no-tf32] [--version-compatible]
     python -m export.build --precision bf16 --base /models/FLUX.1-dev --clip /models/clip-vit-large-patch14 \\
         --weights dynaip.safetensors --out build/flux-dev
 
 Steps: (1) ``export.onnx`` with the graphs the precision needs (fp16/bf16 variants; see :mod:`export.engines`),
 graph checks included; (2) fp8 only: calibration data (``calibration.collect``, reused when ``--calib`` already
-holds it for these weights), ModelOpt/max calibration, the Q/DQ DiT graph and its quality cost against fp16 and
-fp32 (``fp8_quality.json``); (3) the engine plan (``engine_plan.json``: profiles, flags, source hashes); (4) the
-engines, staged and moved into place together, then the manifest's ``tensorrt`` section.
+holds it for these weights), ModelOpt/max calibration, the Q/DQ DiT graphs (``dit.fp8-<base>.onnx`` for the engine,
+``dit.fp8-fp16.onnx`` as the CPU oracle) and the quality cost against fp32 (``fp8_quality.json``); (3) the engine
+plan (``engine_plan.json``: profiles, flags, source hashes); (4) the engines, staged and moved into place together,
+then the manifest's ``tensorrt`` section.
 
 Exit codes: 0 built; 2 bad arguments or inputs (unknown precision, missing weights...); 3 ONNX exported and
 checked but TensorRT's builder or a GPU is missing (the message says what to install).
@@ -26,12 +28,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
-from dynaip_trt.manifest import Manifest
+from dynaip_trt.manifest import FP8_BASES, Manifest
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.files import atomic_path, staged_files
 
-from .engines import (ENGINE_PRECISIONS, EngineBuilder, EnginePlan, import_tensorrt_builder, plan_engines,
-                      record_engines, required_variants, system_section)
+from .engines import (DEFAULT_FP8_BASE, ENGINE_PRECISIONS, EngineBuilder, EnginePlan, import_tensorrt_builder,
+                      plan_engines, record_engines, required_variants, system_section)
 from .onnx import add_common_args, build_family, configure_logging, envelope_from_args, export_all
 from .specs import Envelope
 
@@ -42,9 +44,12 @@ FP8_QUALITY_FILE = "fp8_quality.json"
 EXIT_NEEDS_TENSORRT = 3
 
 
-def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: int, progress: bool = True) -> dict:
-    """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add ``dit.fp8.onnx`` to the
-    build and write its quality report; returns the report (see :func:`calibration.quantize.quality_report`)."""
+def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: int, progress: bool = True,
+                base: str = DEFAULT_FP8_BASE) -> dict:
+    """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add the FP8 DiT graphs to the
+    build (``dit.fp8-<base>.onnx`` for the engine and ``dit.fp8-fp16.onnx``, the oracle ONNX Runtime's CPU provider
+    can run) and write the quality report of FP8 on ``base``; returns it (:func:`calibration.quantize.quality_report`,
+    which runs in PyTorch: bf16 works on the CPU there)."""
     from calibration.collect import collect
     from calibration.quantize import check_table, export_fp8_variant, quality_report, recalibrate, write_report
     from calibration.store import AmaxTable, load_records
@@ -59,9 +64,10 @@ def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: i
         table = collect(models, calib_dir, samples=samples, progress=progress)
         records = load_records(calib_dir)
     table = recalibrate(models, table, records, calib_dir)
-    export_fp8_variant(out_dir, models, table)
-    report = quality_report(models, table, records, precisions=("fp16", "fp8"))
-    write_report(out_dir / FP8_QUALITY_FILE, models, table, len(records), report, "fp16")
+    for b in dict.fromkeys((base, "fp16")):
+        export_fp8_variant(out_dir, models, table, b)
+    report = quality_report(models, table, records, base=base, precisions=(base, "fp8"))
+    write_report(out_dir / FP8_QUALITY_FILE, models, table, len(records), report, base)
     return report
 
 
@@ -98,12 +104,15 @@ def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbos
 def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelope: Envelope, calib_dir: str | Path,
         opset: int, skip_export: bool = False, plan_only: bool = False, optimization_level: int = 3,
         workspace_bytes: int | None = None, calib_samples: int = 8, verbose: bool = False,
-        progress: bool = True, tf32: bool = True, version_compatible: bool = False) -> list[EnginePlan]:
+        progress: bool = True, fp8_base: str = DEFAULT_FP8_BASE, tf32: bool = True,
+        version_compatible: bool = False) -> list[EnginePlan]:
     """The whole build (see the module docstring); returns the engine plans. ``models`` may be ``None`` only with
     ``skip_export`` for fp16/bf16 (nothing to export or calibrate). Raises :class:`BackendUnavailableError` after
     the ONNX step when engines cannot be built here."""
     if precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {list(ENGINE_PRECISIONS)}")
+    if fp8_base not in FP8_BASES:
+        raise ConfigError(f"unknown FP8 base precision {fp8_base!r}; choose from {list(FP8_BASES)}")
     out_dir = Path(out_dir)
     if models is None and (precision == "fp8" or not skip_export):
         raise ConfigError("exporting and FP8 calibration need the model family (models=None is only for "
@@ -111,13 +120,14 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
     if skip_export:
         Manifest.load(out_dir).verify(out_dir)
     else:
-        export_all(out_dir, models=models, opset=opset, variants=required_variants(precision), envelope=envelope,
-                   progress=progress)
+        export_all(out_dir, models=models, opset=opset, variants=required_variants(precision, fp8_base=fp8_base),
+                   envelope=envelope, progress=progress)
     if precision == "fp8":
-        prepare_fp8(models, out_dir, Path(calib_dir), calib_samples, progress)
+        prepare_fp8(models, out_dir, Path(calib_dir), calib_samples, progress, fp8_base)
     manifest = Manifest.load(out_dir)
     plans = plan_engines(manifest, out_dir, precision, envelope, optimization_level=optimization_level,
-                         workspace_bytes=workspace_bytes, tf32=tf32, version_compatible=version_compatible)
+                         workspace_bytes=workspace_bytes, fp8_base=fp8_base, tf32=tf32,
+                         version_compatible=version_compatible)
     path = write_plan(out_dir, plans, precision)
     logger.info("ONNX graphs exported and checked; engine plan in %s", path)
     if not plan_only:
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan-only", action="store_true", help="export and write engine_plan.json; build nothing")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: no limit)")
+    p.add_argument("--fp8-base", choices=FP8_BASES, default=DEFAULT_FP8_BASE,
+                   help="fp8: precision of everything but the FP8 GEMMs (default bf16; fp16 overflows on real FLUX)")
     p.add_argument("--no-tf32", action="store_true",
                    help="clear TensorRT's default TF32 flag: fp32 layers compute in strict fp32 (slower)")
     p.add_argument("--version-compatible", action="store_true",
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         run(models, args.out or f"build/{name}", args.precision, envelope_from_args(args, models.config),
             args.calib or f"calib/{name}", args.opset, args.skip_export, args.plan_only, args.opt_level,
             int(args.workspace_gib * 2**30) if args.workspace_gib else None, args.calib_samples, args.verbose,
-            tf32=not args.no_tf32, version_compatible=args.version_compatible)
+            fp8_base=args.fp8_base, tf32=not args.no_tf32, version_compatible=args.version_compatible)
     except BackendUnavailableError as e:
         logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "
                      "Copy the build directory to a GPU machine with TensorRT and run this command with "

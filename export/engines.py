@@ -5,16 +5,22 @@ Every engine is built from a **strongly typed** network: the ONNX graph's tensor
 of an engine is chosen by the graph it is built from, and ONNX Runtime on that same graph is an exact oracle for
 parity (``python -m export.parity``):
 
-    precision   clip, fusion, vae      text (CLIP-L + T5)        dit
-    fp16        <name>.fp16.onnx       text.onnx (T5 overflows   dit.fp16.onnx
-                                       in fp16: fp32, TF32)
-    bf16        <name>.bf16.onnx       text.bf16.onnx            dit.bf16.onnx
-    fp8         <name>.fp16.onnx       text.onnx                 dit.fp8.onnx (FP8 Q/DQ linear layers on fp16)
+    precision         clip, fusion           text (CLIP-L + T5)       dit                  vae
+    fp16              <name>.fp16.onnx       text.onnx (T5 overflows  dit.fp16.onnx        vae.onnx (fp32: FLUX's
+                                             in fp16: fp32)                                VAE is inaccurate in fp16)
+    bf16              <name>.bf16.onnx       text.bf16.onnx           dit.bf16.onnx        vae.bf16.onnx
+    fp8 (base bf16)   <name>.bf16.onnx       text.bf16.onnx           dit.fp8-bf16.onnx    vae.bf16.onnx
+    fp8 --fp8-base fp16: the fp16 row, with dit.fp8-fp16.onnx
 
-TF32: TensorRT enables ``BuilderFlag.TF32`` by default, so the fp32 layers of every engine (the text encoders of
-fp16 builds, fp32 islands of reduced-precision graphs) may round GEMM/convolution inputs to TF32 (10-bit mantissa);
-``export.parity`` compares fp32 engines with the TF32 tolerance. ``--no-tf32`` clears the flag (strict fp32;
-slower).
+FP8 quantizes the DiT's block GEMMs (Q/DQ nodes, :mod:`calibration.quantize`); everything else runs in the *base*
+precision, bf16 by default as in NVIDIA's FLUX demo (bf16 has fp32's range: no fp16 overflow on real FLUX
+weights). ONNX Runtime's CPU provider has no bf16 kernels, so an fp8 build also keeps the fp16-base FP8 DiT graph
+(``dit.fp8-fp16.onnx``) as the CPU parity and quality oracle.
+
+TF32: TensorRT enables ``BuilderFlag.TF32`` by default, so the fp32 layers of every engine (the text encoders and
+VAE of fp16 builds, fp32 islands of reduced-precision graphs) may round GEMM/convolution inputs to TF32 (10-bit
+mantissa); ``export.parity`` compares fp32 engines with the TF32 tolerance. ``--no-tf32`` clears the flag (strict
+fp32; slower).
 
 One optimization profile per engine spans the envelope: batch 1..max, subjects 1..max (opt 2), every requested
 resolution (opt: the first). A timing cache (``timing.cache`` in the build directory) is loaded before and saved
@@ -36,7 +42,7 @@ from typing import Any
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
 from dynaip_trt.files import atomic_path
-from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join, sha256_file
+from dynaip_trt.manifest import FP8_BASES, MODEL_IO, Manifest, fp8_variant, safe_join, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo, import_tensorrt, require_gpu, tensorrt_logger, trt_log
 
 from .specs import SPECS, Envelope, get_spec
@@ -44,6 +50,8 @@ from .specs import SPECS, Envelope, get_spec
 logger = logging.getLogger("export.engines")
 
 ENGINE_PRECISIONS = ("fp16", "bf16", "fp8")
+DEFAULT_FP8_BASE = FP8_BASES[0]  # bf16
+FP16_UNSAFE = ("vae",)  # FLUX's VAE decodes inaccurately in fp16 (NVIDIA's demo keeps it fp32/bf16)
 TIMING_CACHE = "timing.cache"
 WHAT = "building TensorRT engines"
 
@@ -52,27 +60,37 @@ class EngineBuildError(DynaIPError, RuntimeError):
     """TensorRT could not parse a graph or build an engine."""
 
 
-def graph_precision(model: str, precision: str) -> str:
-    """Precision of the ONNX graph ``model``'s engine is built from for an engine build in ``precision``
-    (see the module docstring): fp8 quantizes only the DiT and builds the rest like fp16; a model that does not
-    allow the precision (the text encoders in fp16) keeps its fp32 graph."""
+def graph_precision(model: str, precision: str, fp8_base: str = DEFAULT_FP8_BASE) -> str:
+    """Precision of the ONNX graph ``model``'s engine is built from for an engine build in ``precision`` (see the
+    module docstring): fp8 quantizes only the DiT and builds the rest in ``fp8_base``; fp16 keeps the VAE
+    (:data:`FP16_UNSAFE`) and the models that do not allow fp16 (the text encoders) in fp32."""
     if precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {list(ENGINE_PRECISIONS)}")
+    if fp8_base not in FP8_BASES:
+        raise ConfigError(f"unknown FP8 base precision {fp8_base!r}; choose from {list(FP8_BASES)}")
     allowed = SPECS[model].precisions
     if precision == "fp8":
-        return "fp8" if "fp8" in allowed else graph_precision(model, "fp16")
+        return fp8_variant(fp8_base) if "fp8" in allowed else graph_precision(model, fp8_base)
+    if precision == "fp16" and model in FP16_UNSAFE:
+        return "fp32"
     return precision if precision in allowed else "fp32"
 
 
-def required_variants(precision: str, names: tuple[str, ...] = tuple(MODEL_IO)) -> dict[str, tuple[str, ...]]:
+def required_variants(precision: str, names: tuple[str, ...] = tuple(MODEL_IO), fp8_base: str = DEFAULT_FP8_BASE
+                      ) -> dict[str, tuple[str, ...]]:
     """The fp16/bf16 ONNX variants (``export_all(variants=...)``) an engine build in ``precision`` needs
-    (the fp8 DiT graph comes from calibration, not from the plain export)."""
+    (the fp8 DiT graphs come from calibration, not from the plain export)."""
     out: dict[str, list[str]] = {}
     for name in names:
-        g = graph_precision(name, precision)
+        g = graph_precision(name, precision, fp8_base)
         if g in ("fp16", "bf16"):
             out.setdefault(g, []).append(name)
     return {p: tuple(ns) for p, ns in out.items()}
+
+
+def base_precision(graph: str) -> str:
+    """The precision of a graph's non-quantized ops: ``bf16`` for ``fp8-bf16``, else the graph's own."""
+    return graph.split("-", 1)[1] if graph.startswith("fp8-") else graph
 
 
 @dataclass(frozen=True)
@@ -82,7 +100,8 @@ class EnginePlan:
 
     Attributes:
         model: name in :data:`MODEL_IO`; onnx: source graph in the build directory; onnx_sha256: its hash.
-        precision: engine precision label (``fp32`` for graphs kept in fp32); engine: output file name.
+        precision: the source graph's precision (``fp32``, ``fp16``, ``bf16``, ``fp8-bf16``, ``fp8-fp16``);
+            engine: output file name.
         strongly_typed: network created with ``STRONGLY_TYPED`` (types from the graph).
         flags: ``trt.BuilderFlag`` names to set (e.g. ``VERSION_COMPATIBLE``).
         tf32: keep TensorRT's default ``TF32`` flag (fp32 GEMMs may use TF32); ``False`` clears it (strict fp32).
@@ -111,8 +130,8 @@ class EnginePlan:
 
 def plan_engines(manifest: Manifest, directory: str | Path, precision: str, envelope: Envelope | None = None,
                  names: tuple[str, ...] = tuple(MODEL_IO), optimization_level: int = 3,
-                 workspace_bytes: int | None = None, tf32: bool = True, version_compatible: bool = False
-                 ) -> list[EnginePlan]:
+                 workspace_bytes: int | None = None, fp8_base: str = DEFAULT_FP8_BASE, tf32: bool = True,
+                 version_compatible: bool = False) -> list[EnginePlan]:
     """One :class:`EnginePlan` per model of ``names`` for an engine build in ``precision``.
 
     Profiles come from ``envelope`` (default: the profiles recorded at export). Raises :class:`ConfigError` when a
@@ -129,13 +148,14 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
         if name not in manifest.models:
             raise ConfigError(f"{directory} has no {name} graph; export it first (python -m export.onnx)")
         entry = manifest.models[name]
-        g = graph_precision(name, precision)
+        g = graph_precision(name, precision, fp8_base)
         if g == entry.precision:
             onnx_file = entry.onnx
         elif g in entry.variants:
             onnx_file = entry.variants[g]
         else:
-            how = "python -m calibration.quantize --export" if g == "fp8" else f"python -m export.onnx --{g}"
+            how = (f"python -m calibration.quantize --export --fp8-base {base_precision(g)}" if g.startswith("fp8")
+                   else f"python -m export.onnx --{g}")
             raise ConfigError(f"{directory} has no {g} graph of {name}, needed for a {precision} engine ({how})")
         profile = get_spec(name, cfg).profile(envelope) if envelope is not None else entry.profile
         plans.append(EnginePlan(

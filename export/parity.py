@@ -38,6 +38,7 @@ from runtime.ort_backend import import_onnxruntime
 from dynaip_trt.manifest import check_profile, check_tensorrt_section
 from dynaip_trt.tensorrt_api import import_tensorrt_gpu
 
+from .engines import base_precision
 from .onnx import configure_logging
 from .specs import Envelope, get_spec
 
@@ -165,6 +166,17 @@ def first_line(error: Exception, limit: int = 120) -> str:
     return (str(error).splitlines() or [""])[0][:limit]
 
 
+def precision_family(precision: str) -> str:
+    """``fp8`` for the FP8 graph keys ``fp8-bf16``/``fp8-fp16``; other precisions are their own family."""
+    return precision.split("-", 1)[0]
+
+
+def tolerance_of(precision: str) -> float:
+    """Relative L2 tolerance of a graph or engine precision; an FP8 graph on a bf16 base gets the larger of the
+    FP8 and bf16 tolerances (both roundings add up)."""
+    return max(TOLERANCES[precision_family(precision)], TOLERANCES[base_precision(precision)])
+
+
 def run_runner(runner, feeds: Arrays, as_torch: bool = False) -> Arrays:
     """Activate a polygraphy runner, run ``feeds`` once (each cast to the dtype its input declares) and return
     float32 copies of its outputs (runners reuse their output buffers).
@@ -258,7 +270,17 @@ def engine_precision(manifest: Manifest, name: str) -> tuple[str, float]:
     plan = (manifest.tensorrt or {}).get("engines", {}).get(name, {})
     precision = plan.get("precision", manifest.models[name].precision)
     tf32 = precision == "fp32" and plan.get("tf32", True)
-    return precision, TF32_REL_L2 if tf32 else TOLERANCES[precision]
+    return precision, TF32_REL_L2 if tf32 else tolerance_of(precision)
+
+
+def select_graphs(graphs: dict[str, str], precisions: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The graph keys of ``graphs`` (:func:`graphs_of`) whose precision family is in ``precisions`` (``None``: all),
+    in :data:`PRECISIONS` order; a requested precision the model has no graph of stays (its row says so)."""
+    wanted = []
+    for p in precisions or PRECISIONS:
+        keys = sorted(k for k in graphs if precision_family(k) == p)
+        wanted += keys or ([p] if precisions else [])
+    return tuple(wanted)
 
 
 def onnxruntime_rows(directory: Path, name: str, graphs: dict[str, str], precisions: tuple[str, ...],
@@ -278,12 +300,12 @@ def onnxruntime_rows(directory: Path, name: str, graphs: dict[str, str], precisi
                 outputs[precision] = run_onnxruntime(safe_join(directory, graphs[precision]), feeds)
             except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NotImplemented,
                     ort_errors.RuntimeException, PolygraphyException) as e:
-                if precision in ORT_CPU_UNSUPPORTED:
-                    row.note = f"{ORT_CPU_UNSUPPORTED[precision]}: {first_line(e)}"
+                if base_precision(precision) in ORT_CPU_UNSUPPORTED:
+                    row.note = f"{ORT_CPU_UNSUPPORTED[base_precision(precision)]}: {first_line(e)}"
                 else:
                     row.result, row.note = FAIL, f"ONNX Runtime failed: {first_line(e)}"
             else:
-                compare(row, outputs[precision], expected, TOLERANCES[precision])
+                compare(row, outputs[precision], expected, tolerance_of(precision))
         rows.append(row)
     return rows, outputs
 
@@ -340,7 +362,7 @@ def run_parity(directory: str | Path, precisions: tuple[str, ...] | None = None,
         raise ConfigError(f"unknown models {unknown}; choose from {list(MODEL_IO)}")
     manifest.verify(directory, list(names))
     available = {n: graphs_of(manifest.models[n]) for n in names}
-    absent = [p for p in precisions or () if not any(p in g for g in available.values())]
+    absent = [p for p in precisions or () if not any(precision_family(k) == p for g in available.values() for k in g)]
     if absent:
         raise ConfigError(f"{directory} has no {absent} graphs of {list(names)}; export them (python -m export.onnx "
                           f"--fp16/--bf16; fp8: python -m calibration.quantize --export)")
@@ -350,7 +372,7 @@ def run_parity(directory: str | Path, precisions: tuple[str, ...] | None = None,
     rows: list[Row] = []
     for name in tqdm(names, desc="parity", disable=not progress):
         feeds, expected = load_references(directory, name, manifest.models[name])
-        wanted = precisions or tuple(p for p in PRECISIONS if p in available[name])
+        wanted = select_graphs(available[name], precisions)
         ort_outputs = None
         if "onnxruntime" in backends:
             ort_rows, ort_outputs = onnxruntime_rows(directory, name, available[name], wanted, feeds, expected)

@@ -42,7 +42,7 @@ def test_literal_command_exports_checks_and_builds_or_exits_3(literal_build):
     plan = json.loads((out / build.PLAN_FILE).read_text())
     assert plan["precision"] == "fp16"
     assert [e["onnx"] for e in plan["engines"]] == [
-        "clip.fp16.onnx", "fusion.fp16.onnx", "text.onnx", "dit.fp16.onnx", "vae.fp16.onnx"]
+        "clip.fp16.onnx", "fusion.fp16.onnx", "text.onnx", "dit.fp16.onnx", "vae.onnx"]
     reason = build.engine_step_unavailable()
     if reason is None:
         assert rc == 0 and m.tensorrt["precision"] == "fp16"
@@ -67,7 +67,8 @@ def test_plan_is_plain_data_with_profiles_covering_the_envelope(tiny_build, tiny
         assert json.loads(json.dumps(p.to_dict())) == p.to_dict(), "the plan must be JSON data"
     assert all(p.flags == () and p.tf32 for p in plans.values()), "TensorRT's defaults: TF32 on, nothing else"
     assert plans["text"].precision == "fp32", "T5 overflows in fp16"
-    assert all(plans[n].precision == "fp16" for n in ("clip", "fusion", "dit", "vae"))
+    assert plans["vae"].precision == "fp32" and plans["vae"].onnx == "vae.onnx", "FLUX's VAE is inaccurate in fp16"
+    assert all(plans[n].precision == "fp16" for n in ("clip", "fusion", "dit"))
     dit = plans["dit"].profile
     tokens = {"min": (48 // 16) * (64 // 16), "opt": 16, "max": (64 // 16) * (80 // 16)}  # 2x2 packed latents
     for point, n in tokens.items():
@@ -85,16 +86,40 @@ def test_plan_errors_name_what_is_missing(tiny_build, tiny_cfg):
     m = Manifest.load(tiny_build)
     with pytest.raises(ConfigError, match=r"no bf16 graph of clip.*python -m export.onnx --bf16"):
         plan_engines(m, tiny_build, "bf16")
-    with pytest.raises(ConfigError, match=r"no fp8 graph of dit.*calibration.quantize"):
-        plan_engines(m, tiny_build, "fp8")
+    with pytest.raises(ConfigError, match=r"no bf16 graph of clip, needed for a fp8 engine"):
+        plan_engines(m, tiny_build, "fp8")  # the default FP8 base is bf16
+    with pytest.raises(ConfigError, match=r"no fp8-fp16 graph of dit.*calibration.quantize --export --fp8-base fp16"):
+        plan_engines(m, tiny_build, "fp8", fp8_base="fp16")
+    with pytest.raises(ConfigError, match="unknown FP8 base precision 'fp32'"):
+        plan_engines(m, tiny_build, "fp8", fp8_base="fp32")
     with pytest.raises(ConfigError, match="unknown precision 'int8'"):
         plan_engines(m, tiny_build, "int8")
     with pytest.raises(ConfigError, match="exceeds the config's maximum"):
         plan_engines(m, tiny_build, "fp16", Envelope(subjects=(1, 2, tiny_cfg.max_subjects + 1)))
     with pytest.raises(ConfigError, match="outside TensorRT's range"):
         plan_engines(m, tiny_build, "fp16", optimization_level=7)
-    assert required_variants("fp8") == {"fp16": ("clip", "fusion", "vae")}
+    assert required_variants("fp8") == {"bf16": ("clip", "fusion", "text", "vae")}
+    assert required_variants("fp8", fp8_base="fp16") == {"fp16": ("clip", "fusion")}
+    assert required_variants("fp16") == {"fp16": ("clip", "fusion", "dit")}
     assert required_variants("bf16") == {"bf16": tuple(MODEL_IO)}
+
+
+def test_fp8_plans_build_on_a_bf16_base_and_keep_the_vae_out_of_fp16(tiny_build):
+    """fp8 (default base bf16, as NVIDIA's FLUX demo): the DiT from dit.fp8-bf16.onnx, everything else bf16;
+    --fp8-base fp16: the fp16 plan with dit.fp8-fp16.onnx (the graph ONNX Runtime's CPU provider can run)."""
+    m = Manifest.load(tiny_build)
+    for name, entry in m.models.items():  # the graphs the plan asks for (plan_engines reads only the manifest)
+        for key in ("bf16", "fp8-bf16", "fp8-fp16") if name == "dit" else ("bf16",):
+            entry.variants[key] = f"{name}.{key}.onnx"
+            entry.files[f"{name}.{key}.onnx"] = key.ljust(64, "0")
+    plans = {p.model: p for p in plan_engines(m, tiny_build, "fp8")}
+    assert {n: (p.precision, p.onnx) for n, p in plans.items()} == {
+        "clip": ("bf16", "clip.bf16.onnx"), "fusion": ("bf16", "fusion.bf16.onnx"), "text": ("bf16", "text.bf16.onnx"),
+        "dit": ("fp8-bf16", "dit.fp8-bf16.onnx"), "vae": ("bf16", "vae.bf16.onnx")}
+    assert all(p.engine == f"{p.model}.fp8.engine" for p in plans.values())
+    plans = {p.model: p for p in plan_engines(m, tiny_build, "fp8", fp8_base="fp16")}
+    assert {n: p.onnx for n, p in plans.items()} == {"clip": "clip.fp16.onnx", "fusion": "fusion.fp16.onnx",
+                                                    "text": "text.onnx", "dit": "dit.fp8-fp16.onnx", "vae": "vae.onnx"}
 
 
 def test_cli_errors(tmp_path):

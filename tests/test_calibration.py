@@ -29,7 +29,7 @@ from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers
 
 from conftest import captured_logs
 
-# ONNX Runtime on dit.fp8.onnx vs the PyTorch FP8 module: both fp16 with FP8 Q/DQ, but rounding flips of values
+# ONNX Runtime on dit.fp8-fp16.onnx vs the PyTorch FP8 module: both fp16 with FP8 Q/DQ, but rounding flips of values
 # near an FP8 step (6% apart) amplify fp16 differences: measured ~2e-3.
 FP8_ORT_REL_L2 = 1e-2
 # The FP8 DiT step vs the fp32 step (measured ~5e-3 on the tiny family); and the whole generation's final latent.
@@ -50,11 +50,13 @@ def calib(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp8_build(tiny_build, calib, tmp_path_factory):
-    """``python -m export.build --precision fp8 --skip-export`` on a copy of the tiny build, reusing ``calib``."""
+    """``python -m export.build --precision fp8 --fp8-base fp16 --skip-export`` on a copy of the tiny build (which
+    has the fp16 variants, not the bf16 ones), reusing ``calib``."""
     out = tmp_path_factory.mktemp("fp8") / "tiny"
     shutil.copytree(tiny_build, out)
     with captured_logs("export.build") as messages:
-        rc = build.main(["--precision", "fp8", "--skip-export", "--out", str(out), "--calib", str(calib[0])])
+        rc = build.main(["--precision", "fp8", "--fp8-base", "fp16", "--skip-export", "--out", str(out), "--calib",
+                         str(calib[0])])
     return rc, out, messages
 
 
@@ -156,15 +158,16 @@ def test_fp8_build_reuses_calibration_and_builds_or_exits_3(fp8_build):
     assert any("reusing the calibration data" in m for m in messages)
     m = Manifest.load(out)
     m.verify(out)
-    assert m.models["dit"].variants["fp8"] == "dit.fp8.onnx"
+    assert m.models["dit"].variants["fp8-fp16"] == "dit.fp8-fp16.onnx"
     plan = {e["model"]: e for e in json.loads((out / build.PLAN_FILE).read_text())["engines"]}
-    assert plan["dit"]["onnx"] == "dit.fp8.onnx" and plan["dit"]["precision"] == "fp8"
+    assert plan["dit"]["onnx"] == "dit.fp8-fp16.onnx" and plan["dit"]["precision"] == "fp8-fp16"
     assert plan["clip"]["onnx"] == "clip.fp16.onnx" and plan["text"]["onnx"] == "text.onnx"
+    assert plan["vae"]["onnx"] == "vae.onnx", "the VAE stays out of fp16"
 
 
 def test_fp8_graph_has_qdq_exactly_on_the_fp8_layers(fp8_build, tiny_models):
     _, out, _ = fp8_build
-    model = onnx.load(str(out / "dit.fp8.onnx"), load_external_data=False)
+    model = onnx.load(str(out / "dit.fp8-fp16.onnx"), load_external_data=False)
     assert model.opset_import[0].version == FP8_OPSET
     layers = sorted(fp8_layers(tiny_models.transformer))
     check_qdq_placement(model, layers)
@@ -182,7 +185,7 @@ def test_fp8_graph_onnxruntime_matches_pytorch_fp8(fp8_build, tiny_models, calib
     _, out, _ = fp8_build
     records = [r for r in load_records(calib[0]) if r["img_k"].shape[2] == subjects][1:3]
     table = AmaxTable.load(calib[0])
-    sess = ort.InferenceSession(str(out / "dit.fp8.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out / "dit.fp8-fp16.onnx"), providers=["CPUExecutionProvider"])
     torch_fp8, torch_fp32 = dit_variant(tiny_models, "fp8", table), dit_variant(tiny_models, "fp32")
     for r in records:
         got = sess.run(None, {n: r[n].numpy() for n in DIT_INPUTS})[0]

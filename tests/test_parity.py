@@ -15,9 +15,9 @@ from onnx import TensorProto, helper
 
 from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo
-from export.parity import (FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES, engine_precision,
-                           graphs_of, main, onnxruntime_rows, reference_file, reference_point, run_runner,
-                           save_references, tensorrt_unavailable)
+from export.parity import (BF16_REL_L2, FP8_REL_L2, FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES,
+                           engine_precision, graphs_of, main, onnxruntime_rows, reference_file, reference_point,
+                           run_runner, save_references, select_graphs, tensorrt_unavailable, tolerance_of)
 from export.specs import Envelope, get_spec
 
 
@@ -169,10 +169,20 @@ def test_fp32_engines_get_the_tf32_tolerance_unless_built_without_it(tiny_build)
     m = Manifest.load(tiny_build)
     m.tensorrt = {"engines": {"vae": {"precision": "fp32", "flags": []},
                               "text": {"precision": "fp32", "flags": [], "tf32": False},
-                              "clip": {"precision": "fp16"}}}
+                              "dit": {"precision": "fp8-bf16", "flags": []}, "clip": {"precision": "fp16"}}}
     assert engine_precision(m, "vae") == ("fp32", TF32_REL_L2)
     assert engine_precision(m, "text") == ("fp32", FP32_REL_L2)
+    assert engine_precision(m, "dit") == ("fp8-bf16", max(FP8_REL_L2, BF16_REL_L2))
     assert engine_precision(m, "clip") == ("fp16", FP16_REL_L2)
+    assert tolerance_of("fp8-fp16") == FP8_REL_L2 > FP16_REL_L2
+
+
+def test_fp8_graphs_are_selected_by_their_family():
+    graphs = {"fp32": "dit.onnx", "fp16": "dit.fp16.onnx", "fp8-bf16": "dit.fp8-bf16.onnx",
+              "fp8-fp16": "dit.fp8-fp16.onnx"}
+    assert select_graphs(graphs, None) == ("fp32", "fp16", "fp8-bf16", "fp8-fp16")
+    assert select_graphs(graphs, ("fp8",)) == ("fp8-bf16", "fp8-fp16")
+    assert select_graphs(graphs, ("bf16", "fp16")) == ("bf16", "fp16"), "a missing precision stays (its row says so)"
 
 
 class BF16Runner:
