@@ -14,7 +14,8 @@ plan (``engine_plan.json``: profiles, flags, source hashes); (4) the engines, st
 then the manifest's ``tensorrt`` section.
 
 Exit codes: 0 built; 2 bad arguments or inputs (unknown precision, missing weights...); 3 ONNX exported and
-checked but TensorRT's builder or a GPU is missing (the message says what to install).
+checked but the engine step cannot run here: TensorRT's builder or a GPU is missing, or the GPU lacks the
+precision (fp8 needs compute capability 8.9, bf16 8.0); the message says what to install or do.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
-from dynaip_trt.manifest import FP8_BASES, Manifest
+from dynaip_trt.manifest import FP8_BASES, MODEL_IO, Manifest
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.files import atomic_path, staged_files
 
-from .engines import (DEFAULT_FP8_BASE, ENGINE_PRECISIONS, EngineBuilder, EnginePlan, import_tensorrt_builder,
-                      plan_engines, record_engines, required_variants, system_section)
+from .engines import (DEFAULT_FP8_BASE, ENGINE_PRECISIONS, EngineBuilder, EnginePlan, check_gpu_supports,
+                      graph_precision, import_tensorrt_builder, plan_engines, record_engines, required_variants,
+                      system_section)
 from .onnx import add_common_args, build_family, configure_logging, envelope_from_args, export_all
 from .specs import Envelope
 
@@ -79,11 +81,12 @@ def write_plan(out_dir: Path, plans: list[EnginePlan], precision: str) -> Path:
     return path
 
 
-def engine_step_unavailable() -> str | None:
-    """Why the engine step cannot run on this machine (no TensorRT builder, no usable GPU), or ``None`` when it can:
-    the command exits 3 in the first case, 0 in the second."""
+def engine_step_unavailable(precision: str, fp8_base: str = DEFAULT_FP8_BASE) -> str | None:
+    """Why the engine step of a ``precision`` build cannot run on this machine (no TensorRT builder, no usable GPU,
+    a GPU without the precision), or ``None`` when it can: the command exits 3 in the first case, 0 in the second."""
     try:
-        import_tensorrt_builder()
+        _, gpu = import_tensorrt_builder()
+        check_gpu_supports(gpu, {m: graph_precision(m, precision, fp8_base) for m in MODEL_IO})
     except BackendUnavailableError as e:
         return str(e)
     return None
@@ -92,8 +95,10 @@ def engine_step_unavailable() -> str | None:
 def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbose: bool = False,
                   progress: bool = True) -> Manifest:
     """Build every planned engine into a staging folder, move them into ``out_dir`` together and record them in
-    the manifest. Raises :class:`BackendUnavailableError` without TensorRT's builder or a GPU."""
+    the manifest. Raises :class:`BackendUnavailableError` without TensorRT's builder or a GPU, or when the GPU
+    cannot run a planned precision (checked before anything is built)."""
     builder = EngineBuilder(out_dir, verbose=verbose)
+    check_gpu_supports(builder.gpu, {p.model: p.precision for p in plans})
     manifest = Manifest.load(out_dir)
     with staged_files(out_dir, prefix=".engines-") as staging:
         for plan in tqdm(plans, desc=f"build {precision}", disable=not progress):

@@ -52,6 +52,8 @@ logger = logging.getLogger("export.engines")
 ENGINE_PRECISIONS = ("fp16", "bf16", "fp8")
 DEFAULT_FP8_BASE = FP8_BASES[0]  # bf16
 FP16_UNSAFE = ("vae",)  # FLUX's VAE decodes inaccurately in fp16 (NVIDIA's demo keeps it fp32/bf16)
+# Oldest compute capability with tensor-core support for a graph precision (bf16: Ampere; fp8: Ada/Hopper).
+MIN_COMPUTE_CAPABILITY = {"bf16": (8, 0), "fp8": (8, 9)}
 TIMING_CACHE = "timing.cache"
 WHAT = "building TensorRT engines"
 
@@ -163,6 +165,22 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
             engine=f"{name}.{precision}.engine", strongly_typed=True, flags=flags, profile=profile, tf32=tf32,
             optimization_level=optimization_level, workspace_bytes=workspace_bytes))
     return plans
+
+
+def check_gpu_supports(gpu: GpuInfo, graphs: dict[str, str]) -> None:
+    """Every graph precision of ``graphs`` (``{model: precision}``, e.g. from the plans) must have tensor-core
+    support on ``gpu`` (:data:`MIN_COMPUTE_CAPABILITY`); otherwise :class:`BackendUnavailableError` naming the
+    precision, the GPU and what it needs (checked before anything is built)."""
+    for model, graph in graphs.items():
+        for p in dict.fromkeys((graph.split("-")[0], base_precision(graph))):
+            need = MIN_COMPUTE_CAPABILITY.get(p)
+            if need and gpu.compute_capability < need:
+                have = gpu.compute_capability
+                raise BackendUnavailableError(
+                    f"{p} engines need a GPU of compute capability {need[0]}.{need[1]} or newer ("
+                    f"{'Ada or Hopper' if p == 'fp8' else 'Ampere'} and later), but {gpu.name} has {have[0]}."
+                    f"{have[1]} (the {model} engine); build another precision here (--precision fp16) or build "
+                    f"on a newer GPU")
 
 
 def import_tensorrt_builder(device: int = 0) -> tuple[Any, GpuInfo]:

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from conftest import REPO, captured
+from cuda_sim import Device
 from dynaip_trt.errors import BackendUnavailableError
 from dynaip_trt.manifest import MODEL_IO, Manifest, check_engine_sources, check_tensorrt_section
 from export import build
@@ -147,6 +148,23 @@ def test_profile_errors_are_build_errors(build_copy, trt_state):
         builder.build(plan.__class__(**{**plan.__dict__, "profile": {}}), build_copy)
 
 
+def test_fp8_needs_compute_capability_8_9_checked_before_building(build_copy, trt_state, sim):
+    sim.devices[0] = Device("NVIDIA A100-SXM4-80GB", (8, 0))
+    trt_state.device_name = sim.devices[0].name
+    m = Manifest.load(build_copy)
+    plans = plan_engines(m, build_copy, "fp16")
+    fp8 = [p.__class__(**{**p.__dict__, "precision": "fp8-fp16"}) if p.model == "dit" else p for p in plans]
+    with pytest.raises(BackendUnavailableError, match=r"fp8 engines need a GPU of compute capability 8.9 or newer "
+                                                      r"\(Ada or Hopper and later\), but NVIDIA A100-SXM4-80GB has "
+                                                      r"8.0"):
+        build.build_engines(build_copy, fp8, "fp8", progress=False)
+    assert trt_state.builds == [], "nothing may be built first"
+    assert build.engine_step_unavailable("fp8", "fp16").startswith("fp8 engines need a GPU of compute capability")
+    assert build.engine_step_unavailable("bf16") is None and build.engine_step_unavailable("fp16") is None
+    sim.devices[0] = Device("Tesla T4", (7, 5))
+    assert "bf16 engines need a GPU of compute capability 8.0" in build.engine_step_unavailable("bf16")
+
+
 def test_version_compatible_engines_are_flagged_and_recorded(build_copy, trt_state):
     plans = run_build(build_copy, version_compatible=True)
     assert all(p.flags == ("VERSION_COMPATIBLE",) for p in plans)
@@ -160,7 +178,7 @@ def test_version_compatible_engines_are_flagged_and_recorded(build_copy, trt_sta
 def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt_state):
     """What tests/test_build.py expects of the literal command follows the machine (defect 1): here TensorRT and a
     GPU are present (fakes), so the engines are built and the exit code is 0, not 3."""
-    assert build.engine_step_unavailable() is None
+    assert build.engine_step_unavailable("fp16") is None
     assert build.main(["--precision", "fp16", "--skip-export", "--out", str(build_copy)]) == 0
     assert Manifest.load(build_copy).tensorrt["precision"] == "fp16"
     assert len(list(build_copy.glob("*.fp16.engine"))) == len(MODEL_IO)
@@ -176,7 +194,7 @@ def test_real_tensorrt_without_a_gpu_exits_3_with_a_clear_message(build_copy):
     assert "Traceback" not in r.stderr and "TypeError" not in r.stderr
     assert "the engine step cannot run here" in r.stderr and "no usable NVIDIA GPU and driver" in r.stderr
     assert "cudaErrorInsufficientDriver" in r.stderr and "--skip-export" in r.stderr
-    assert build.engine_step_unavailable() is not None
+    assert build.engine_step_unavailable("fp16") is not None
 
 
 def test_real_builder_factory_failure_is_backend_unavailable(build_copy, sim, real_trt, fresh_loggers, monkeypatch):
