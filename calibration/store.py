@@ -25,6 +25,7 @@ from dynaip_trt.files import atomic_path
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
 RECORDS_FILE = "dit_inputs.npz"
 AMAX_FILE = "amax.json"
+QUALITY_FILE = "quality.json"
 AMAX_FORMAT = "dynaip-trt-fp8-amax"
 AMAX_VERSION = 1
 
@@ -73,6 +74,16 @@ def load_records(directory: str | Path) -> list[dict[str, torch.Tensor]]:
             index, name = key.split("/", 1)
             records.setdefault(int(index), {})[name] = torch.from_numpy(data[key])
     return [records[i] for i in sorted(records)]
+
+
+def owned_files(directory: str | Path) -> set[str]:
+    """The files calibration wrote in ``directory`` (none unless it holds a valid amax table of ours), for
+    :func:`dynaip_trt.files.claim_dir`."""
+    try:
+        AmaxTable.load(directory)
+    except ConfigError:
+        return set()
+    return {AMAX_FILE, RECORDS_FILE, QUALITY_FILE}
 
 
 @dataclass

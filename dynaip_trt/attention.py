@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conditioning import ReferenceKV
+
 
 class FluxPosEmbedFP32(nn.Module):
     """FLUX's 3-axis RoPE computed in float32 (diffusers' ``FluxPosEmbed`` uses float64, which TensorRT lacks).
@@ -87,32 +89,33 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 @dataclass
 class ReferenceInputs:
-    """Per-request DynaIP inputs handed to every processor through ``joint_attention_kwargs={"dynaip": ...}``.
+    """Per-step DynaIP inputs handed to every processor through ``joint_attention_kwargs={"dynaip": ...}``.
 
     Attributes:
-        img_k, img_v: image-branch reference keys/values ``[blocks, batch, subjects, ref_tokens, inner_dim]``,
-            one slice per injected block (double-stream blocks first, then single-stream blocks if enabled).
+        kv: the request's reference K/V (:class:`~dynaip_trt.conditioning.ReferenceKV` of torch tensors): image
+            branch ``[blocks, batch, subjects, ref_tokens, inner_dim]`` (double-stream blocks first, then
+            single-stream blocks if enabled), text branch ``[double_blocks, ...]`` or ``None``.
         scales: per-subject scales ``[batch, subjects]``.
         masks: optional per-subject spatial masks over image tokens ``[batch, subjects, image_tokens]`` (0..1).
         block_scales: optional per-block multiplier of the image branch ``[blocks]``.
-        txt_k, txt_v: text-branch reference keys/values ``[double_blocks, batch, subjects, ref_tokens, inner_dim]``,
-            or ``None`` (Dynamic Decoupling Strategy at inference: the text branch is dropped and never computed).
         txt_block_scales: text-branch multiplier per double block ``[double_blocks]`` (the DDS schedule value of
-            the current step); required when ``txt_k`` is given.
+            the current step); the text branch is injected only when this is given and ``kv`` has text K/V
+            (Dynamic Decoupling Strategy: dropped, and never computed, at inference by default).
         mode: ``"sum"`` (per-subject attention, gated and summed) or ``"concat"`` (one softmax over all subjects).
         image_tokens: number of image tokens N (needed only for single-stream injection).
     """
 
-    img_k: torch.Tensor
-    img_v: torch.Tensor
+    kv: ReferenceKV
     scales: torch.Tensor
     masks: torch.Tensor | None = None
     block_scales: torch.Tensor | None = None
-    txt_k: torch.Tensor | None = None
-    txt_v: torch.Tensor | None = None
     txt_block_scales: torch.Tensor | None = None
     mode: str = "sum"
     image_tokens: int | None = None
+
+    @property
+    def text_branch(self) -> bool:
+        return self.txt_block_scales is not None and self.kv.txt_k is not None
 
 
 def reference_attention(
@@ -153,10 +156,12 @@ def reference_attention(
         v = v * scales[:, :, None, None]
         k4 = k.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, S*T, D]
         v4 = v.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)
-        bias = None
+        # a subject with scale 0 takes no softmax mass from the others; masks restrict subjects to their regions
+        keep = (scales > 0).to(q.dtype)[:, None, :]  # [B, 1, S]
         if masks is not None:
-            m = masks.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N, S*T]
-            bias = ((1.0 - m) * -1.0e4).to(q.dtype).unsqueeze(1)  # [B, 1, N, S*T]
+            keep = keep * masks.transpose(1, 2)  # [B, N, S]
+        m = keep.unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N or 1, S*T]
+        bias = ((1.0 - m) * -1.0e4).to(q.dtype).unsqueeze(1)  # [B, 1, N or 1, S*T]
         out = F.scaled_dot_product_attention(q, k4, v4, attn_mask=bias, scale=head_dim**-0.5)  # [B, H, N, D]
         out = out.transpose(1, 2).flatten(2)  # [B, N, H*D]
         if masks is not None:
@@ -224,14 +229,14 @@ class DynaIPAttnProcessor:
         txt_out = attn.to_add_out(txt_out.contiguous())
         if dynaip is not None and self.ref_index is not None:
             img_out = img_out + self._image_term(img_query, dynaip)
-        if dynaip is not None and self.txt_index is not None and dynaip.txt_k is not None:
+        if dynaip is not None and self.txt_index is not None and dynaip.text_branch:
             txt_out = txt_out + self._text_term(txt_query, dynaip)
         return img_out, txt_out
 
     def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
         """``s_img * Attn(q_img, K_img, V_img)``: ``[B, N_img, C]``."""
         i = self.ref_index
-        term = reference_attention(img_query, r.img_k[i], r.img_v[i], r.scales, r.masks, r.mode)
+        term = reference_attention(img_query, r.kv.img_k[i], r.kv.img_v[i], r.scales, r.masks, r.mode)
         if r.block_scales is not None:
             term = term * r.block_scales[i]
         return term
@@ -239,7 +244,7 @@ class DynaIPAttnProcessor:
     def _text_term(self, txt_query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
         """``s_txt * Attn(q_txt, K_txt, V_txt)``: ``[B, L_txt, C]`` (masks are over image tokens: not applied)."""
         i = self.txt_index
-        term = reference_attention(txt_query, r.txt_k[i], r.txt_v[i], r.scales, None, r.mode)
+        term = reference_attention(txt_query, r.kv.txt_k[i], r.kv.txt_v[i], r.scales, None, r.mode)
         return term * r.txt_block_scales[i]
 
     def _single_stream_term(self, query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:

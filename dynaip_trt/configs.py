@@ -1,15 +1,16 @@
 """Model configurations as dataclasses.
 
-Two named configs ship: ``tiny`` (the same classes as FLUX.1-dev at toy sizes: seconds on a CPU, used by tests
-and as the embedded default) and ``flux-dev`` (real FLUX.1-dev sizes with CLIP ViT-L/14, used for GPU
-benchmarks with random weights). Select them with :func:`get_config`.
+Named configs: ``tiny-random`` (the same classes as FLUX.1-dev at toy sizes with seeded random weights: seconds on
+a CPU, used by unit tests) and ``flux-dev`` (real FLUX.1-dev sizes with CLIP ViT-L/14, used for GPU benchmarks with
+random weights). Select them with :func:`get_config`; :data:`DEFAULT_CONFIG` is what commands use when given no
+config or weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -85,6 +86,8 @@ class TextConfig:
     t5_heads: int = 64
     t5_d_kv: int = 64
     max_text_length: int = 512
+    clip_pad_id: int = 49407  # FLUX's CLIP tokenizer pads with <|endoftext|>
+    clip_eos_id: int = 49407  # CLIPTextModel pools the hidden state at the first EOS
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,13 @@ class DynaIPConfig:
     guidance: float = 3.5
     max_subjects: int = 4
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def injected_blocks(self) -> int:
+        """Blocks with image-branch injection (the length of ``block_scales``): every double-stream block, plus the
+        single-stream blocks when the adapter injects there."""
+        t = self.transformer
+        return t.num_layers + (t.num_single_layers if self.adapter.inject_single else 0)
 
     @property
     def pixel_multiple(self) -> int:
@@ -178,7 +187,6 @@ class DynaIPConfig:
                 vae=VaeConfig(**_tuples(d["vae"])),
                 adapter=AdapterConfig(**_tuples(d["adapter"])),
                 **{k: d[k] for k in ("height", "width", "steps", "guidance", "max_subjects", "seed") if k in d},
-                extra=d.get("extra", {}),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"invalid DynaIP config dictionary: {e}") from e
@@ -188,9 +196,9 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def _tiny() -> DynaIPConfig:
+def _tiny_random() -> DynaIPConfig:
     return DynaIPConfig(
-        name="tiny",
+        name="tiny-random",
         transformer=TransformerConfig(
             num_layers=2,
             num_single_layers=2,
@@ -209,14 +217,16 @@ def _tiny() -> DynaIPConfig:
             clip_intermediate_size=64,
             clip_layers=2,
             clip_heads=2,
-            clip_max_length=32,
+            clip_max_length=77,
             t5_vocab_size=260,
             t5_d_model=32,
             t5_d_ff=64,
             t5_layers=2,
             t5_heads=2,
             t5_d_kv=16,
-            max_text_length=32,
+            max_text_length=77,
+            clip_pad_id=0,  # the byte tokenizer (dynaip_trt.text.byte_tokenizer): pad 0, EOS 1
+            clip_eos_id=1,
         ),
         vae=VaeConfig(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
         adapter=AdapterConfig(tap_layers=(1, 2, -2), num_tokens=4, expert_dim=32, expert_depth=1, expert_heads=2),
@@ -239,11 +249,12 @@ def _flux_dev() -> DynaIPConfig:
     )
 
 
-CONFIGS = {"tiny": _tiny, "flux-dev": _flux_dev}
+CONFIGS = {"tiny-random": _tiny_random, "flux-dev": _flux_dev}
+DEFAULT_CONFIG = "tiny-random"
 
 
 def get_config(name: str) -> DynaIPConfig:
-    """Return the named config (``tiny`` or ``flux-dev``)."""
+    """Return the named config (one of :data:`CONFIGS`)."""
     try:
         return CONFIGS[name]()
     except KeyError:

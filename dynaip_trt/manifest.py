@@ -23,23 +23,30 @@ from .tensorrt_api import version_tuple
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+PLAN_FILE = "engine_plan.json"  # export.build: the builder configuration of every engine
+TIMING_CACHE = "timing.cache"  # export.build: TensorRT's measured tactics, reused across builds
+FP8_QUALITY_FILE = "fp8_quality.json"  # export.build --precision fp8: FP8's measured quality cost
+BUILD_SIDE_FILES = (MANIFEST_FILE, PLAN_FILE, TIMING_CACHE, FP8_QUALITY_FILE)
 MANIFEST_FORMAT = "dynaip-trt-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+DEFAULT_OPSET = 18  # ONNX opset of exported graphs: clear of newer fused ops (RMSNormalization, Attention)
 
 # Input and output names of every exported model, in call order. Shapes (symbolic names are dynamic axes):
 #   clip:   pixel_values [M, 3, S, S]                           -> levels [M, L, P, C]
 #   fusion: levels [B, S, L, P, C], level_weights [B, S, L], level_override [B, S]
 #                                                               -> img_k, img_v [blocks, B, S, T, inner]
-#   text:   clip_ids [B, 77] int64, t5_ids [B, Ltxt] int64      -> text_embeds [B, Ltxt, D], pooled [B, Dp]
-#   dit:    latents [B, N, 64], text_embeds, pooled, timestep [B], guidance [B], img_ids [N, 3], txt_ids [Ltxt, 3],
-#           img_k, img_v, scales [B, S], masks [B, S, N]        -> velocity [B, N, 64]
-#   vae:    latents [B, 16, h, w]                               -> images [B, 3, 8h, 8w]
+#   text:   clip_ids [B, Lclip] int64, t5_ids [B, Ltxt] int64   -> text_embeds [B, Ltxt, D], pooled [B, Dp]
+#   dit:    latents [B, N, 64], text_embeds, pooled, timestep [B], timestep_next [B], guidance [B], img_ids [N, 3],
+#           txt_ids [Ltxt, 3], img_k, img_v, scales [B, S], masks [B, S, N], block_scales [blocks]
+#                                                               -> velocity [B, N, 64], latents_next [B, N, 64]
+#   vae:    latents [B, C, h, w]                                -> images [B, 3, f*h, f*w]
+# The DiT includes the flow-matching Euler step: latents_next = latents + (timestep_next - timestep) * velocity.
 MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clip": (("pixel_values",), ("levels",)),
     "fusion": (("levels", "level_weights", "level_override"), ("img_k", "img_v")),
     "text": (("clip_ids", "t5_ids"), ("text_embeds", "pooled")),
-    "dit": (("latents", "text_embeds", "pooled", "timestep", "guidance", "img_ids", "txt_ids", "img_k", "img_v",
-             "scales", "masks"), ("velocity",)),
+    "dit": (("latents", "text_embeds", "pooled", "timestep", "timestep_next", "guidance", "img_ids", "txt_ids",
+             "img_k", "img_v", "scales", "masks", "block_scales"), ("velocity", "latents_next")),
     "vae": (("latents",), ("images",)),
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
@@ -93,6 +100,10 @@ class ModelEntry:
     engine: str | None = None
     variants: dict[str, str] = field(default_factory=dict)
 
+    def graphs(self) -> dict[str, str]:
+        """``{precision: ONNX file}`` of every graph of this model: the main graph and its variants."""
+        return {self.precision: self.onnx, **self.variants}
+
 
 @dataclass
 class Manifest:
@@ -103,7 +114,6 @@ class Manifest:
     opset: int
     max_subjects: int
     tensorrt: dict[str, Any] | None = None
-    created_by: str = "dynaip-trt"
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -122,11 +132,21 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_FILE
+    def load(cls, directory: str | Path, what: str | None = None) -> "Manifest":
+        """Read and check ``directory/manifest.json``. ``what`` names the folder in errors (e.g. ``"--engine-dir
+        build/x"`` for a CLI user); a missing folder, a folder without a manifest and an invalid manifest each
+        raise :class:`ManifestError` saying which."""
+        label = what or str(directory)
+        folder = Path(directory)
+        path = folder / MANIFEST_FILE
+        if not folder.exists():
+            raise ManifestError(f"{label}: the build folder does not exist (create it with python -m export.onnx "
+                                f"or python -m export.build)")
+        if not folder.is_dir():
+            raise ManifestError(f"{label} is not a folder")
         if not path.is_file():
-            raise ManifestError(f"{directory} has no {MANIFEST_FILE}; run `python -m export.onnx` or "
-                                f"`python -m export.build` to create a build directory")
+            raise ManifestError(f"{label} is not a build folder: it has no {MANIFEST_FILE} (create one with "
+                                f"python -m export.onnx or python -m export.build)")
         try:
             d = json.loads(path.read_text())
             if d.get("format") != MANIFEST_FORMAT:
@@ -147,6 +167,22 @@ class Manifest:
                         *entry.variants.values()]:
                 safe_join(directory, rel)
         return m
+
+    def files(self) -> set[str]:
+        """Every file of the build this manifest describes (relative paths), the build-side files included."""
+        files = set(BUILD_SIDE_FILES)
+        for entry in self.models.values():
+            files |= {entry.onnx, *entry.files, *entry.variants.values(), *([entry.engine] if entry.engine else [])}
+        return files
+
+    @classmethod
+    def owned_files(cls, directory: str | Path) -> set[str]:
+        """The files dynaip-trt wrote in ``directory``: those of its manifest, or none when it has no valid one
+        (for :func:`dynaip_trt.files.claim_dir`)."""
+        try:
+            return cls.load(directory).files()
+        except ManifestError:
+            return set()
 
     def verify(self, directory: str | Path, models: list[str] | None = None) -> None:
         """Check that every listed file exists and has its recorded SHA-256 (truncated/tampered files fail)."""

@@ -15,8 +15,9 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel
 
 from .adapter import DynaIPAdapter, install_processors
+from .attention import ReferenceInputs
 from .configs import DynaIPConfig
-from .text import ByteTokenizer, HFTokenizer
+from .text import Tokenizer, byte_tokenizer
 
 
 @dataclass
@@ -30,8 +31,8 @@ class DynaIPModels:
     t5: T5EncoderModel
     vae: AutoencoderKL
     adapter: DynaIPAdapter
-    clip_tokenizer: ByteTokenizer | HFTokenizer
-    t5_tokenizer: ByteTokenizer | HFTokenizer
+    clip_tokenizer: Tokenizer
+    t5_tokenizer: Tokenizer
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DynaIPModels":
         for m in (self.transformer, self.vision, self.clip_text, self.t5, self.vae, self.adapter):
@@ -66,8 +67,8 @@ def build_text_encoders(cfg: DynaIPConfig) -> tuple[CLIPTextModel, T5EncoderMode
             num_attention_heads=t.clip_heads,
             max_position_embeddings=t.clip_max_length,
             projection_dim=t.clip_hidden_size,
-            pad_token_id=0 if cfg.name == "tiny" else 1,
-            eos_token_id=ByteTokenizer.eos_id if cfg.name == "tiny" else 2,
+            pad_token_id=t.clip_pad_id,
+            eos_token_id=t.clip_eos_id,
             bos_token_id=0,
         )
     )
@@ -131,8 +132,8 @@ def build_models(cfg: DynaIPConfig, seed: int = 0, random_adapter_kv: bool = Tru
     adapter = build_adapter(cfg)
     if random_adapter_kv:
         adapter.randomize_kv(torch.Generator().manual_seed(seed + 1))
-    tok = ByteTokenizer()
-    return finalize(DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter, tok, tok))
+    return finalize(DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter,
+                                 byte_tokenizer(cfg.text.clip_max_length), byte_tokenizer(cfg.text.max_text_length)))
 
 
 def clip_levels(vision: CLIPVisionModel, pixel_values: torch.Tensor, tap_layers: tuple[int, ...]) -> torch.Tensor:
@@ -153,3 +154,20 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Unpacked latents ``[B, 16, h, w]`` -> images ``[B, 3, 8h, 8w]`` in [-1, 1] (FLUX scaling and shift)."""
     z = latents / vae.config.scaling_factor + vae.config.shift_factor
     return vae.decode(z).sample
+
+
+def dit_forward(transformer: FluxTransformer2DModel, latents: torch.Tensor, text_embeds: torch.Tensor,
+                pooled: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, dynaip: ReferenceInputs | None) -> torch.Tensor:
+    """One MM-DiT evaluation with the DynaIP inputs (``None``: the bare base model): the only place that calls
+    diffusers' FLUX transformer.
+
+    latents ``[B, N, 64]``, text_embeds ``[B, Ltxt, D]``, pooled ``[B, Dp]``, timestep/guidance ``[B]`` (sigma in
+    [0, 1] and the distilled guidance; diffusers scales both by 1000), img_ids ``[N, 3]``, txt_ids ``[Ltxt, 3]``
+    -> velocity ``[B, N, 64]`` in the transformer's dtype.
+    """
+    return transformer(
+        hidden_states=latents, encoder_hidden_states=text_embeds, pooled_projections=pooled, timestep=timestep,
+        guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
+        joint_attention_kwargs=None if dynaip is None else {"dynaip": dynaip}, return_dict=False,
+    )[0]

@@ -102,6 +102,14 @@ def device_count(what: str = "the tensorrt backend") -> int:
     return int(cuda_check(import_cudart(what).cudaGetDeviceCount(), f"{what}: cudaGetDeviceCount"))
 
 
+def cuda_device_count() -> int:
+    """Visible CUDA devices, 0 without cuda-python, a driver or a GPU (a probe that never raises)."""
+    try:
+        return device_count()
+    except BackendUnavailableError:
+        return 0
+
+
 def gpu_info(index: int, what: str = "the tensorrt backend") -> GpuInfo:
     """:class:`GpuInfo` of device ``index`` (which must exist)."""
     rt = import_cudart(what)

@@ -14,11 +14,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import DynaIPAdapter
-from .configs import AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig, VaeConfig, VisionConfig
-from .errors import WeightsError
+from .configs import (DEFAULT_CONFIG, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig, VaeConfig,
+                      VisionConfig, get_config)
+from .errors import ConfigError, WeightsError
 from .files import atomic_path
-from .models import DynaIPModels, build_adapter, finalize
-from .text import load_tokenizer, save_tokenizer
+from .models import DynaIPModels, build_adapter, build_models, finalize
+from .text import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ def save_models(models: DynaIPModels, base_dir: str | Path, clip_dir: str | Path
     models.vae.save_pretrained(base_dir / "vae", safe_serialization=True)
     models.clip_text.save_pretrained(base_dir / "text_encoder", safe_serialization=True)
     models.t5.save_pretrained(base_dir / "text_encoder_2", safe_serialization=True)
-    save_tokenizer(models.clip_tokenizer, base_dir / "tokenizer")
-    save_tokenizer(models.t5_tokenizer, base_dir / "tokenizer_2")
+    models.clip_tokenizer.save(base_dir / "tokenizer")
+    models.t5_tokenizer.save(base_dir / "tokenizer_2")
     (base_dir / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     (base_dir / CONFIG_FILE).write_text(json.dumps(models.config.to_dict(), indent=1))
     models.vision.save_pretrained(clip_dir, safe_serialization=True)
@@ -130,11 +131,12 @@ def _derive_config(base_dir: Path, transformer, vision, clip_text, t5, vae, adap
                    ) -> DynaIPConfig:
     """A :class:`DynaIPConfig` describing loaded models (sampling defaults from ``dynaip_config.json`` if any)."""
     saved = json.loads((base_dir / CONFIG_FILE).read_text()) if (base_dir / CONFIG_FILE).is_file() else {}
+    saved["name"] = family_name("", base_dir)
     tc = transformer.config
     vc = vision.config
     text_saved = saved.get("text", {})
     cfg = dict(
-        name=saved.get("name", base_dir.name),
+        name=saved["name"],
         transformer=TransformerConfig(
             in_channels=tc.in_channels, num_layers=tc.num_layers, num_single_layers=tc.num_single_layers,
             attention_head_dim=tc.attention_head_dim, num_attention_heads=tc.num_attention_heads,
@@ -150,7 +152,8 @@ def _derive_config(base_dir: Path, transformer, vision, clip_text, t5, vae, adap
             clip_max_length=clip_text.config.max_position_embeddings, t5_vocab_size=t5.config.vocab_size,
             t5_d_model=t5.config.d_model, t5_d_ff=t5.config.d_ff, t5_layers=t5.config.num_layers,
             t5_heads=t5.config.num_heads, t5_d_kv=t5.config.d_kv,
-            max_text_length=text_saved.get("max_text_length", 512)),
+            max_text_length=text_saved.get("max_text_length", 512),
+            clip_pad_id=clip_text.config.pad_token_id, clip_eos_id=clip_text.config.eos_token_id),
         vae=VaeConfig(block_out_channels=tuple(vae.config.block_out_channels),
                       layers_per_block=vae.config.layers_per_block, latent_channels=vae.config.latent_channels,
                       norm_num_groups=vae.config.norm_num_groups, scaling_factor=vae.config.scaling_factor,
@@ -159,6 +162,27 @@ def _derive_config(base_dir: Path, transformer, vision, clip_text, t5, vae, adap
     )
     cfg.update({k: saved[k] for k in ("height", "width", "steps", "guidance", "max_subjects", "seed") if k in saved})
     return DynaIPConfig(**cfg)
+
+
+def load_tokenizer(folder: Path, max_length: int) -> Tokenizer:
+    """A local tokenizer folder as a :class:`~dynaip_trt.text.Tokenizer` padded/truncated to ``max_length``: a
+    ``tokenizer.json`` saved by dynaip-trt is read directly; any other (e.g. FLUX's CLIP ``vocab.json`` +
+    ``merges.txt``) is converted by transformers' fast tokenizer."""
+    if not folder.is_dir():
+        raise WeightsError(f"tokenizer folder {folder} does not exist")
+    ours = folder / TOKENIZER_FILE
+    if ours.is_file() and json.loads(ours.read_text()).get("padding"):
+        return Tokenizer.load(folder, max_length)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot load a tokenizer from {folder}: {e}") from e
+    if not tok.is_fast:
+        raise WeightsError(f"{folder}: transformers has no fast tokenizer for it, so it cannot be converted")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Tokenizer(tok.backend_tokenizer, max_length, int(pad_id or 0))
 
 
 def _from_pretrained(cls, folder: Path, what: str):
@@ -201,6 +225,32 @@ def load_models(base_dir: str | Path, clip_dir: str | Path, adapter_path: str | 
     if adapter_path is not None:
         load_adapter(adapter_path, adapter)
     models = DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter,
-                          load_tokenizer(base_dir / "tokenizer"), load_tokenizer(base_dir / "tokenizer_2"))
+                          load_tokenizer(base_dir / "tokenizer", cfg.text.clip_max_length),
+                          load_tokenizer(base_dir / "tokenizer_2", cfg.text.max_text_length))
     logger.info("loaded %s from %s (+ CLIP %s, adapter %s)", cfg.name, base_dir, clip_dir, adapter_path)
     return finalize(models)
+
+
+def family_name(config: str, base: str | Path | None = None) -> str:
+    """The name of the models :func:`load_family` gives (cheap: no weights are read): the config's, or that saved
+    with a base folder (``dynaip_config.json``), else the folder's name. Default output folders use it."""
+    if base is None:
+        return config
+    saved = Path(base) / CONFIG_FILE
+    try:
+        return str(json.loads(saved.read_text())["name"]) if saved.is_file() else Path(base).name
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return Path(base).name
+
+
+def load_family(config: str | DynaIPConfig = DEFAULT_CONFIG, base: str | Path | None = None,
+                clip: str | Path | None = None, adapter: str | Path | None = None, seed: int = 0) -> DynaIPModels:
+    """The models a command runs: local weights when ``base``/``clip`` are given (``adapter`` optional), else the
+    named config's weights (seeded)."""
+    if (base is None) != (clip is None):
+        raise ConfigError("base and clip must be given together (a FLUX folder and an image-encoder folder)")
+    if base is not None:
+        return load_models(base, clip, adapter)
+    if adapter is not None:
+        raise ConfigError("an adapter file needs its base model: give base and clip too")
+    return build_models(get_config(config) if isinstance(config, str) else config, seed=seed)

@@ -1,10 +1,10 @@
 """Build TensorRT engines: export and check ONNX, calibrate FP8 if asked, then build one engine per model.
 
-    python -m export.build --precision fp16                       # the embedded tiny default -> build/tiny
+    python -m export.build --precision fp16                 # the embedded default -> build/<config>
     python -m export.build --precision fp8 --config flux-dev --resolutions 1024x1024,768x1344 --max-subjects 4
         [--fp8-base bf16|fp16] [--no-tf32] [--version-compatible]
     python -m export.build --precision bf16 --base /models/FLUX.1-dev --clip /models/clip-vit-large-patch14 \\
-        --weights dynaip.safetensors --out build/flux-dev
+        --adapter dynaip.safetensors --engine-dir build/flux-dev
 
 Steps: (1) ``export.onnx`` with the graphs the precision needs (fp16/bf16 variants; see :mod:`export.engines`),
 graph checks included; (2) fp8 only: calibration data (``calibration.collect``, reused when ``--calib`` already
@@ -26,51 +26,26 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from dynaip_trt.errors import BackendUnavailableError, ConfigError, cli_main
-from dynaip_trt.manifest import FP8_BASES, MODEL_IO, Manifest
+from calibration.store import owned_files as owned_calibration_files
+from dynaip_trt.cli import check_source_args, cli_main, configure_logging
+from dynaip_trt.cli import progress as progress_bar
+from dynaip_trt.errors import BackendUnavailableError, ConfigError
+from dynaip_trt.files import atomic_path, claim_dir, staged_files
+from dynaip_trt.manifest import FP8_BASES, MODEL_IO, PLAN_FILE, Manifest
 from dynaip_trt.models import DynaIPModels
-from dynaip_trt.files import atomic_path, staged_files
+from dynaip_trt.weights import family_name, load_family
 
+from .cli import add_export_args, envelope_from_args
 from .engines import (DEFAULT_FP8_BASE, ENGINE_PRECISIONS, EngineBuilder, EnginePlan, check_gpu_supports,
                       graph_precision, import_tensorrt_builder, plan_engines, record_engines, required_variants,
                       system_section)
-from .onnx import add_common_args, build_family, configure_logging, envelope_from_args, export_all
-from .specs import Envelope
+from .envelope import Envelope
+from .exporter import export_all
+from .fp8 import prepare_fp8
 
 logger = logging.getLogger("export.build")
 
-PLAN_FILE = "engine_plan.json"
-FP8_QUALITY_FILE = "fp8_quality.json"
 EXIT_NEEDS_TENSORRT = 3
-
-
-def prepare_fp8(models: DynaIPModels, out_dir: Path, calib_dir: Path, samples: int, progress: bool = True,
-                base: str = DEFAULT_FP8_BASE) -> dict:
-    """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add the FP8 DiT graphs to the
-    build (``dit.fp8-<base>.onnx`` for the engine and ``dit.fp8-fp16.onnx``, the oracle ONNX Runtime's CPU provider
-    can run) and write the quality report of FP8 on ``base``; returns it (:func:`calibration.quantize.quality_report`,
-    which runs in PyTorch: bf16 works on the CPU there)."""
-    from calibration.collect import collect
-    from calibration.quantize import check_table, export_fp8_variant, quality_report, recalibrate, write_report
-    from calibration.store import AmaxTable, load_records
-
-    try:
-        table = AmaxTable.load(calib_dir, models.config)
-        check_table(models.transformer, table)
-        records = load_records(calib_dir)
-        logger.info("reusing the calibration data in %s (%d records)", calib_dir, len(records))
-    except ConfigError as e:
-        logger.info("collecting calibration data in %s (%s)", calib_dir, e)
-        table = collect(models, calib_dir, samples=samples, progress=progress)
-        records = load_records(calib_dir)
-    table = recalibrate(models, table, records, calib_dir)
-    for b in dict.fromkeys((base, "fp16")):
-        export_fp8_variant(out_dir, models, table, b)
-    report = quality_report(models, table, records, base=base, precisions=(base, "fp8"))
-    write_report(out_dir / FP8_QUALITY_FILE, models, table, len(records), report, base)
-    return report
 
 
 def write_plan(out_dir: Path, plans: list[EnginePlan], precision: str) -> Path:
@@ -101,7 +76,7 @@ def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbos
     check_gpu_supports(builder.gpu, {p.model: p.precision for p in plans})
     manifest = Manifest.load(out_dir)
     with staged_files(out_dir, prefix=".engines-") as staging:
-        for plan in tqdm(plans, desc=f"build {precision}", disable=not progress):
+        for plan in progress_bar(plans, f"build {precision}", progress):
             builder.build(plan, staging)
     return record_engines(manifest, out_dir, plans, system_section(builder.trt, builder.gpu), precision)
 
@@ -128,7 +103,7 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
         export_all(out_dir, models=models, opset=opset, variants=required_variants(precision, fp8_base=fp8_base),
                    envelope=envelope, progress=progress)
     if precision == "fp8":
-        prepare_fp8(models, out_dir, Path(calib_dir), calib_samples, progress, fp8_base)
+        prepare_fp8(models, out_dir, calib_dir, calib_samples, progress, base=fp8_base)
     manifest = Manifest.load(out_dir)
     plans = plan_engines(manifest, out_dir, precision, envelope, optimization_level=optimization_level,
                          workspace_bytes=workspace_bytes, fp8_base=fp8_base, tf32=tf32,
@@ -144,12 +119,11 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0])
-    add_common_args(p)
+    add_export_args(p)
     p.add_argument("--precision", required=True, help=f"engine precision: {', '.join(ENGINE_PRECISIONS)}")
-    p.add_argument("--out", default=None, help="build directory (default build/<config>)")
-    p.add_argument("--calib", default=None, help="FP8 calibration directory (default calib/<config>)")
+    p.add_argument("--calib", metavar="DIR", help="FP8 calibration folder (default calib/<config>)")
     p.add_argument("--calib-samples", type=int, default=8, help="FP8 calibration requests when collecting")
-    p.add_argument("--skip-export", action="store_true", help="build from the ONNX already in --out")
+    p.add_argument("--skip-export", action="store_true", help="build from the ONNX already in --engine-dir")
     p.add_argument("--plan-only", action="store_true", help="export and write engine_plan.json; build nothing")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: no limit)")
@@ -165,16 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--precision {args.precision!r} is unknown; choose from {list(ENGINE_PRECISIONS)}")
     if args.calib_samples < 1:
         raise ConfigError("--calib-samples must be >= 1")
-    models = build_family(args.config, args.base, args.clip, args.adapter, args.seed)
-    name = models.config.name
+    check_source_args(args)
+    name = family_name(args.config, args.base)
+    out, calib = args.engine_dir or f"build/{name}", args.calib or f"calib/{name}"
+    if args.skip_export:  # the folder must already be a build
+        cfg = Manifest.load(out, what=f"--engine-dir {out}").dynaip_config
+    else:  # before the long export: nothing of the user's may be replaced
+        claim_dir(out, Manifest.owned_files, f"--engine-dir {out}")
+    if args.precision == "fp8":
+        claim_dir(calib, owned_calibration_files, f"--calib {calib}")
+    needs_models = not args.skip_export or args.precision == "fp8"
+    models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed) if needs_models else None
+    if models is not None:
+        cfg = models.config
     try:
-        run(models, args.out or f"build/{name}", args.precision, envelope_from_args(args, models.config),
-            args.calib or f"calib/{name}", args.opset, args.skip_export, args.plan_only, args.opt_level,
-            int(args.workspace_gib * 2**30) if args.workspace_gib else None, args.calib_samples, args.verbose,
-            fp8_base=args.fp8_base, tf32=not args.no_tf32, version_compatible=args.version_compatible)
+        run(models, out, args.precision, envelope_from_args(args, cfg), calib, args.opset, args.skip_export,
+            args.plan_only, args.opt_level, int(args.workspace_gib * 2**30) if args.workspace_gib else None,
+            args.calib_samples, args.verbose, fp8_base=args.fp8_base, tf32=not args.no_tf32,
+            version_compatible=args.version_compatible)
     except BackendUnavailableError as e:
         logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "
-                     "Copy the build directory to a GPU machine with TensorRT and run this command with "
+                     "Copy the build folder to a GPU machine with TensorRT and run this command with "
                      "--skip-export there.", e)
         return EXIT_NEEDS_TENSORRT
     return 0

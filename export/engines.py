@@ -42,10 +42,11 @@ from typing import Any
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
 from dynaip_trt.files import atomic_path
-from dynaip_trt.manifest import FP8_BASES, MODEL_IO, Manifest, fp8_variant, safe_join, sha256_file
+from dynaip_trt.manifest import FP8_BASES, MODEL_IO, TIMING_CACHE, Manifest, fp8_variant, safe_join, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo, import_tensorrt, require_gpu, tensorrt_logger, trt_log
 
-from .specs import SPECS, Envelope, get_spec
+from .envelope import Envelope
+from .specs import SPECS, get_spec
 
 logger = logging.getLogger("export.engines")
 
@@ -54,7 +55,6 @@ DEFAULT_FP8_BASE = FP8_BASES[0]  # bf16
 FP16_UNSAFE = ("vae",)  # FLUX's VAE decodes inaccurately in fp16 (NVIDIA's demo keeps it fp32/bf16)
 # Oldest compute capability with tensor-core support for a graph precision (bf16: Ampere; fp8: Ada/Hopper).
 MIN_COMPUTE_CAPABILITY = {"bf16": (8, 0), "fp8": (8, 9)}
-TIMING_CACHE = "timing.cache"
 WHAT = "building TensorRT engines"
 
 
@@ -151,13 +151,10 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
             raise ConfigError(f"{directory} has no {name} graph; export it first (python -m export.onnx)")
         entry = manifest.models[name]
         g = graph_precision(name, precision, fp8_base)
-        if g == entry.precision:
-            onnx_file = entry.onnx
-        elif g in entry.variants:
-            onnx_file = entry.variants[g]
-        else:
-            how = (f"python -m calibration.quantize --export --fp8-base {base_precision(g)}" if g.startswith("fp8")
-                   else f"python -m export.onnx --{g}")
+        onnx_file = entry.graphs().get(g)
+        if onnx_file is None:
+            how = (f"python -m export.build --precision fp8 --fp8-base {base_precision(g)} exports and calibrates it"
+                   if g.startswith("fp8") else f"python -m export.onnx --{g}")
             raise ConfigError(f"{directory} has no {g} graph of {name}, needed for a {precision} engine ({how})")
         profile = get_spec(name, cfg).profile(envelope) if envelope is not None else entry.profile
         plans.append(EnginePlan(

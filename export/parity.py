@@ -1,6 +1,6 @@
 """Parity harness: TensorRT vs ONNX Runtime vs the PyTorch outputs saved at export, with polygraphy.
 
-    python -m export.parity --build build/tiny [--precisions fp32,fp16,bf16,fp8|auto] [--models dit,vae] \\
+    python -m export.parity --engine-dir build/tiny [--precisions fp32,fp16,bf16,fp8|auto] [--models dit,vae] \\
         [--backends auto|onnxruntime,tensorrt] [--json report.json] [-v]
 
 ``export.onnx`` runs every fp32 PyTorch model once on inputs at the envelope's opt point (batch 2) and saves
@@ -26,21 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, cli_main
-from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, ModelEntry, safe_join, sha256_file
-from dynaip_trt.metrics import report
-from dynaip_trt.models import DynaIPModels
+from dynaip_trt.cli import cli_main, configure_logging
+from dynaip_trt.cli import progress as progress_bar
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, import_optional
 from dynaip_trt.files import atomic_path
-from runtime.ort_backend import import_onnxruntime
-from dynaip_trt.manifest import check_profile, check_tensorrt_section
+from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, ModelEntry, check_profile, check_tensorrt_section, \
+    safe_join
+from dynaip_trt.metrics import report
 from dynaip_trt.tensorrt_api import import_tensorrt_gpu
 
 from .engines import base_precision
-from .onnx import configure_logging
-from .specs import Envelope, get_spec
+from .references import Arrays, load_references
 
 logger = logging.getLogger("export.parity")
 
@@ -63,67 +60,8 @@ TOLERANCES = {"fp32": FP32_REL_L2, "fp16": FP16_REL_L2, "bf16": BF16_REL_L2, "fp
 ORT_CPU_UNSUPPORTED = {"bf16": "ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Add, Conv...)"}
 BACKENDS = ("onnxruntime", "tensorrt")
 REFERENCE = "pytorch-fp32"
-REFERENCE_DIR = "reference"
-REFERENCE_SEED = 0
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 EXIT_FAILED, EXIT_NEEDS_BACKEND = 1, 3
-
-Arrays = dict[str, np.ndarray]
-
-
-def reference_file(name: str) -> str:
-    """Path of a model's saved PyTorch inputs and outputs, relative to the build directory."""
-    return f"{REFERENCE_DIR}/{name}.npz"
-
-
-def reference_point(envelope: Envelope) -> tuple[int, int, int, int]:
-    """(batch, subjects, height, width) of the saved references: the envelope's opt point, batch 2 where the
-    envelope allows it (sizes >= 2 exercise the batch axis)."""
-    _, subjects, height, width = envelope.points()["opt"]
-    return max(envelope.batch[0], min(2, envelope.batch[2])), subjects, height, width
-
-
-def save_references(directory: str | Path, models: DynaIPModels, names: tuple[str, ...], envelope: Envelope
-                    ) -> dict[str, str]:
-    """Run the fp32 PyTorch module of each model of ``names`` on valid sample inputs at :func:`reference_point`
-    and write ``reference/<name>.npz`` in ``directory`` (atomically): ``inputs/<input>`` and ``outputs/<output>``
-    arrays, names from :data:`MODEL_IO` (e.g. the DiT's ``inputs/latents`` ``[B, N, 64]`` and
-    ``outputs/velocity`` ``[B, N, 64]``). Returns ``{relpath: sha256}`` of the files written."""
-    point = reference_point(envelope)
-    files = {}
-    for name in names:
-        spec = get_spec(name, models)
-        inputs = spec.sample_inputs(*point, seed=REFERENCE_SEED)
-        with torch.no_grad():
-            outputs = spec.module().eval()(*(inputs[n] for n in spec.input_names))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        arrays = {f"inputs/{n}": inputs[n].numpy() for n in spec.input_names}
-        arrays.update({f"outputs/{n}": o.float().numpy() for n, o in zip(spec.output_names, outputs)})
-        rel = reference_file(name)
-        path = Path(directory) / rel
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        files[rel] = sha256_file(path)
-    return files
-
-
-def load_references(directory: str | Path, name: str, entry: ModelEntry) -> tuple[Arrays, Arrays]:
-    """The saved ``(inputs, outputs)`` of model ``name`` (``{tensor name: array}``, :data:`MODEL_IO` order).
-
-    Raises :class:`ManifestError` when the manifest lists no reference for it (a build exported before
-    references existed) or the file lacks a tensor."""
-    rel = reference_file(name)
-    if rel not in entry.files:
-        raise ManifestError(f"{directory}: model {name} has no saved PyTorch reference ({rel} is not in the "
-                            f"manifest); re-export the build with python -m export.onnx")
-    inputs, outputs = MODEL_IO[name]
-    with np.load(safe_join(directory, rel)) as z:
-        missing = [k for k in [*(f"inputs/{n}" for n in inputs), *(f"outputs/{n}" for n in outputs)]
-                   if k not in z.files]
-        if missing:
-            raise ManifestError(f"{directory}: {rel} lacks {missing}; re-export the build with python -m export.onnx")
-        return {n: z[f"inputs/{n}"] for n in inputs}, {n: z[f"outputs/{n}"] for n in outputs}
 
 
 @dataclass
@@ -189,6 +127,8 @@ def run_runner(runner, feeds: Arrays, as_torch: bool = False) -> Arrays:
     with runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
         if as_torch:
+            import torch
+
             feed = {n: torch.from_numpy(np.ascontiguousarray(a)).to(DataType.to_dtype(meta[n].dtype, "torch"))
                     for n, a in feeds.items()}
             return {n: o.detach().to("cpu", torch.float32).numpy().copy() for n, o in runner.infer(feed).items()}
@@ -221,13 +161,21 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
+def quiet_polygraphy(verbose: bool) -> None:
+    """Polygraphy logs through its own logger: errors only unless ``verbose``."""
+    if not verbose:
+        from polygraphy.logger import G_LOGGER
+
+        G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
 def resolve_backends(spec: str) -> tuple[str, ...]:
     """``auto`` -> ONNX Runtime, plus TensorRT when it can run here; or an explicit comma list of :data:`BACKENDS`.
 
     Raises :class:`ConfigError` for an unknown backend and :class:`BackendUnavailableError` (naming what to
     install) when a requested backend cannot run here."""
     if spec == "auto":
-        import_onnxruntime()
+        import_optional("onnxruntime", "the onnxruntime comparison", "pip install -e .[onnx]")
         reason = tensorrt_unavailable()
         if reason is None:
             return BACKENDS
@@ -239,7 +187,7 @@ def resolve_backends(spec: str) -> tuple[str, ...]:
     if unknown or not backends:
         raise ConfigError(f"--backends {spec!r}: choose auto or a comma list of {list(BACKENDS)}")
     if "onnxruntime" in backends:
-        import_onnxruntime()
+        import_optional("onnxruntime", "the onnxruntime comparison", "pip install -e .[onnx]")
     if "tensorrt" in backends:
         reason = tensorrt_unavailable()
         if reason is not None:
@@ -258,11 +206,6 @@ def parse_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...
     return items
 
 
-def graphs_of(entry: ModelEntry) -> dict[str, str]:
-    """``{precision: ONNX file}`` of every graph a manifest entry lists (main graph and variants)."""
-    return {entry.precision: entry.onnx, **entry.variants}
-
-
 def engine_precision(manifest: Manifest, name: str) -> tuple[str, float]:
     """Precision of ``name``'s engine (that of the graph it was built from, recorded in the manifest's
     ``tensorrt`` section) and its tolerance. fp32 engines get :data:`TF32_REL_L2` unless built with TF32 cleared
@@ -274,8 +217,9 @@ def engine_precision(manifest: Manifest, name: str) -> tuple[str, float]:
 
 
 def select_graphs(graphs: dict[str, str], precisions: tuple[str, ...] | None) -> tuple[str, ...]:
-    """The graph keys of ``graphs`` (:func:`graphs_of`) whose precision family is in ``precisions`` (``None``: all),
-    in :data:`PRECISIONS` order; a requested precision the model has no graph of stays (its row says so)."""
+    """The graph keys of ``graphs`` (``ModelEntry.graphs()``) whose precision family is in ``precisions``
+    (``None``: all), in :data:`PRECISIONS` order; a requested precision the model has no graph of stays (its row
+    says so)."""
     wanted = []
     for p in precisions or PRECISIONS:
         keys = sorted(k for k in graphs if precision_family(k) == p)
@@ -361,16 +305,16 @@ def run_parity(directory: str | Path, precisions: tuple[str, ...] | None = None,
     if unknown:
         raise ConfigError(f"unknown models {unknown}; choose from {list(MODEL_IO)}")
     manifest.verify(directory, list(names))
-    available = {n: graphs_of(manifest.models[n]) for n in names}
+    available = {n: manifest.models[n].graphs() for n in names}
     absent = [p for p in precisions or () if not any(precision_family(k) == p for g in available.values() for k in g)]
     if absent:
         raise ConfigError(f"{directory} has no {absent} graphs of {list(names)}; export them (python -m export.onnx "
-                          f"--fp16/--bf16; fp8: python -m calibration.quantize --export)")
+                          f"--fp16/--bf16; fp8: python -m export.onnx --fp8)")
     if "tensorrt" in backends and any(manifest.models[n].engine for n in names):
         trt, gpu = import_tensorrt_gpu(what="the TensorRT half of the parity check")
         check_tensorrt_section(manifest.tensorrt, trt.__version__, gpu.name, gpu.compute_capability, directory)
     rows: list[Row] = []
-    for name in tqdm(names, desc="parity", disable=not progress):
+    for name in progress_bar(names, "parity", progress):
         feeds, expected = load_references(directory, name, manifest.models[name])
         wanted = select_graphs(available[name], precisions)
         ort_outputs = None
@@ -407,7 +351,8 @@ def report_json(directory: str | Path, backends: tuple[str, ...], rows: list[Row
 @cli_main(logger)  # other DynaIPErrors (bad arguments or build directory): one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--build", required=True, help="build directory (python -m export.onnx or export.build)")
+    p.add_argument("--engine-dir", required=True, metavar="DIR",
+                   help="build folder (python -m export.onnx or export.build)")
     p.add_argument("--precisions", default="auto",
                    help=f"comma list of {','.join(PRECISIONS)}, or auto: every graph in the build")
     p.add_argument("--models", default="auto", help=f"comma list of {','.join(MODEL_IO)}, or auto: every model")
@@ -418,18 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
+    quiet_polygraphy(args.verbose)
     precisions = parse_list(args.precisions, PRECISIONS, "precisions")
     models = parse_list(args.models, tuple(MODEL_IO), "models")
     try:
         backends = resolve_backends(args.backends)
-        rows = run_parity(args.build, precisions, models, backends)
+        rows = run_parity(args.engine_dir, precisions, models, backends)
     except BackendUnavailableError as e:
         logger.error("%s", e)
         return EXIT_NEEDS_BACKEND
     print(format_table(rows))
     if args.json:
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report_json(args.build, backends, rows), indent=1))
+            tmp.write_text(json.dumps(report_json(args.engine_dir, backends, rows), indent=1))
     failed = [r for r in rows if r.result == FAIL]
     if failed:
         logger.error("%d of %d comparisons failed", len(failed), len(rows))

@@ -48,8 +48,9 @@ from dynaip_trt.manifest import (MODEL_IO, Manifest, check_engine_sources, check
                                  safe_join)
 from dynaip_trt.tensorrt_api import import_tensorrt_gpu, is_lean, tensorrt_logger
 
-from . import cuda
-from .exported import TEXT_BRANCH_MESSAGE, ExportedStages
+import runtime.cuda as cuda
+from .exported import ExportedStages
+from .sampler import TEXT_BRANCH_MESSAGE
 
 logger = logging.getLogger(__name__)
 

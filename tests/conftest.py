@@ -21,7 +21,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    return get_config("tiny")
+    return get_config("tiny-random")
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def tiny_build(tmp_path_factory, tiny_models):
 
     Read-only for tests: copy it before modifying files.
     """
-    from export.onnx import FP16_MODELS, export_all
+    from export.exporter import FP16_MODELS, export_all
 
     out = tmp_path_factory.mktemp("build") / "tiny"
     export_all(out, models=tiny_models, variants={"fp16": FP16_MODELS}, progress=False)

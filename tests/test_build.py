@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from dynaip_trt.configs import DEFAULT_CONFIG
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest
+from dynaip_trt.manifest import MODEL_IO, PLAN_FILE, Manifest
 from export import build
 from export.engines import EngineBuilder, graph_precision, plan_engines, record_engines, required_variants
-from export.specs import Envelope
+from export.envelope import Envelope
 from dynaip_trt.manifest import check_engine_sources, check_tensorrt_section
 
 from conftest import captured_logs, working_directory
@@ -27,7 +28,7 @@ def literal_build(tmp_path_factory):
     """``python -m export.build --precision fp16`` run with no other argument in an empty working directory."""
     with working_directory(tmp_path_factory.mktemp("cwd")) as cwd, captured_logs("export.build") as messages:
         rc = build.main(["--precision", "fp16"])
-    return rc, cwd / "build" / "tiny", messages
+    return rc, cwd / "build" / DEFAULT_CONFIG, messages
 
 
 def test_literal_command_exports_checks_and_builds_or_exits_3(literal_build):
@@ -39,7 +40,7 @@ def test_literal_command_exports_checks_and_builds_or_exits_3(literal_build):
     assert set(m.models) == set(MODEL_IO)
     for name, entry in m.models.items():
         assert set(entry.variants) == ({"fp16"} if graph_precision(name, "fp16") == "fp16" else set())
-    plan = json.loads((out / build.PLAN_FILE).read_text())
+    plan = json.loads((out / PLAN_FILE).read_text())
     assert plan["precision"] == "fp16"
     assert [e["onnx"] for e in plan["engines"]] == [
         "clip.fp16.onnx", "fusion.fp16.onnx", "text.onnx", "dit.fp16.onnx", "vae.onnx"]
@@ -88,7 +89,7 @@ def test_plan_errors_name_what_is_missing(tiny_build, tiny_cfg):
         plan_engines(m, tiny_build, "bf16")
     with pytest.raises(ConfigError, match=r"no bf16 graph of clip, needed for a fp8 engine"):
         plan_engines(m, tiny_build, "fp8")  # the default FP8 base is bf16
-    with pytest.raises(ConfigError, match=r"no fp8-fp16 graph of dit.*calibration.quantize --export --fp8-base fp16"):
+    with pytest.raises(ConfigError, match=r"no fp8-fp16 graph of dit.*export.build --precision fp8 --fp8-base fp16"):
         plan_engines(m, tiny_build, "fp8", fp8_base="fp16")
     with pytest.raises(ConfigError, match="unknown FP8 base precision 'fp32'"):
         plan_engines(m, tiny_build, "fp8", fp8_base="fp32")
@@ -123,8 +124,8 @@ def test_fp8_plans_build_on_a_bf16_base_and_keep_the_vae_out_of_fp16(tiny_build)
 
 
 def test_cli_errors(tmp_path):
-    assert build.main(["--precision", "int4", "--out", str(tmp_path / "b")]) == 2
-    assert build.main(["--precision", "fp16", "--skip-export", "--out", str(tmp_path / "none")]) == 2
+    assert build.main(["--precision", "int4", "--engine-dir", str(tmp_path / "b")]) == 2
+    assert build.main(["--precision", "fp16", "--skip-export", "--engine-dir", str(tmp_path / "none")]) == 2
     assert not (tmp_path / "b").exists(), "a rejected command writes nothing"
 
 

@@ -15,10 +15,12 @@ from onnx import TensorProto, helper
 
 from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo
-from export.parity import (BF16_REL_L2, FP8_REL_L2, FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES,
-                           engine_precision, graphs_of, main, onnxruntime_rows, reference_file, reference_point,
-                           run_runner, save_references, select_graphs, tensorrt_unavailable, tolerance_of)
-from export.specs import Envelope, get_spec
+from export.envelope import Envelope
+from export.parity import (BF16_REL_L2, FP8_REL_L2, FP16_REL_L2, FP32_REL_L2, TF32_REL_L2, TOLERANCES,
+                           engine_precision, main, onnxruntime_rows, run_runner, select_graphs, tensorrt_unavailable,
+                           tolerance_of)
+from export.references import REFERENCE_SEED, reference_file, reference_point, save_references
+from export.specs import get_spec
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -29,7 +31,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
 def run_main(build, tmp_path, *args: str) -> tuple[int, dict]:
     """``main`` with a JSON report; returns the exit code and the report (``{}`` when none was written)."""
     report = tmp_path / "parity.json"
-    code = main(["--build", str(build), "--json", str(report), *args])
+    code = main(["--engine-dir", str(build), "--json", str(report), *args])
     return code, json.loads(report.read_text()) if report.exists() else {}
 
 
@@ -72,7 +74,7 @@ def test_cli_passes_on_the_tiny_build(tiny_build, tmp_path, caplog, capsys):
     code, report = run_main(tiny_build, tmp_path)
     assert code == 0 and report["passed"]
     rows = {(r["model"], r["precision"]): r for r in report["rows"] if r["backend"] == "onnxruntime"}
-    graphs = {(name, p) for name, entry in Manifest.load(tiny_build).models.items() for p in graphs_of(entry)}
+    graphs = {(name, p) for name, entry in Manifest.load(tiny_build).models.items() for p in entry.graphs()}
     assert set(rows) == graphs and ("dit", "fp16") in rows and all(r["result"] == "PASS" for r in rows.values())
     for name in MODEL_IO:
         row = rows[(name, "fp32")]

@@ -1,4 +1,5 @@
-"""Cached virtual environments with the real TensorRT Python bindings and cuda-python, for the conformance tests.
+"""Venvs with the real TensorRT Python bindings and cuda-python, for the conformance tests (built and cached by
+:mod:`venv_cache`).
 
 The TensorRT bindings wheels (``tensorrt_cu12_bindings``, ``tensorrt_cu13_bindings``: 1.3 MB each) hold the real
 ``tensorrt_bindings/tensorrt.so``; only the libraries it links (``libnvinfer.so.N``, ``libnvonnxparser.so.N``,
@@ -8,26 +9,18 @@ under the right SONAMEs next to ``tensorrt.so`` (its RPATH is ``$ORIGIN``), make
 class, enum, method and docstring can then be inspected, and factories (``trt.Builder(logger)``) raise
 ``TypeError`` ("factory function returned nullptr"). ``tensorrt`` itself is ``from tensorrt_bindings import *``.
 
-Each venv is created with ``--system-site-packages`` (the project's own dependencies stay visible), built in a
-temporary folder and renamed into ``<cache>/<name>-<key>`` when complete, where the key hashes the Python version,
-the requirements and the stub sources: a change rebuilds it, an interrupted build leaves nothing behind. The cache
-is ``$DYNAIP_TRT_VENV_CACHE`` or ``~/.cache/dynaip-trt/venvs``.
+Each venv sees the main environment's packages (``--system-site-packages``: torch, onnx, onnxruntime for the
+fakes), and its cache key covers the requirements, the stub sources and the shim.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import shutil
 import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 1  # bump to rebuild every cached venv
+from venv_cache import pip, venv_python
 
 # library -> C source exporting the symbols tensorrt.so needs from it (nm -D --undefined-only)
 STUBS = {
@@ -44,8 +37,6 @@ STUBS = {
     "libnvinfer_plugin": "int initLibNvInferPlugins(void *logger, const char *ns) { return 0; }",
 }
 SHIM = "from tensorrt_bindings import *  # noqa: F401,F403\nfrom tensorrt_bindings import __version__  # noqa: F401\n"
-NETWORK_ERRORS = re.compile(r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
-                            r"ConnectionError|ProxyError|Could not fetch URL|timed out|Max retries exceeded")
 
 
 @dataclass(frozen=True)
@@ -67,65 +58,33 @@ SPECS = {
 }
 
 
-class VenvUnavailable(Exception):
-    """The venv cannot be built here for a reason outside the project (no package index, no C compiler)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DYNAIP_TRT_VENV_CACHE") or Path.home() / ".cache" / "dynaip-trt" / "venvs")
-
-
-def venv_key(spec: VenvSpec) -> str:
-    payload = {"python": sys.version, "executable": sys.executable, "spec": [spec.tensorrt_major,
-               list(spec.requirements)], "stubs": STUBS, "shim": SHIM, "builder": BUILDER_VERSION}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _run(cmd: list[str], what: str, timeout: int = 600) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], what: str) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        out = (r.stdout + r.stderr)[-3000:]
-        if NETWORK_ERRORS.search(out):
-            raise VenvUnavailable(f"{what}: the package index is unreachable ({out.strip().splitlines()[-1]})")
-        raise RuntimeError(f"{what} failed ({r.returncode}):\n{out}")
+        raise RuntimeError(f"{what} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
     return r.stdout
 
 
-def ensure_venv(spec: VenvSpec) -> Path:
-    """The python executable of ``spec``'s venv, built first if the cache has no complete one for its key."""
-    root = cache_root()
-    final = root / f"{spec.name}-{venv_key(spec)}"
-    if (final / "READY").is_file():
-        return final / "bin" / "python"
+def install(spec: VenvSpec, python: Path) -> None:
+    """pip-install ``spec``'s requirements into the venv of ``python``, then add the stub libraries and the shim."""
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        raise VenvUnavailable("no C compiler (gcc or cc) to build the TensorRT stub libraries")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
-    try:
-        _run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp)], "python -m venv")
-        python = tmp / "bin" / "python"
-        _run([str(python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "-q",
-              *spec.requirements], f"pip install {' '.join(spec.requirements)}")
-        site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         "locating site-packages").strip())
-        for lib, source in STUBS.items():
-            src = tmp / f"{lib}.c"
-            src.write_text(source + "\n")
-            soname = f"{lib}.so.{spec.tensorrt_major}"
-            _run([compiler, "-shared", "-fPIC", "-o", str(site / "tensorrt_bindings" / soname),
-                  f"-Wl,-soname,{soname}", str(src)], f"compiling {soname}")
-        (site / "tensorrt").mkdir()
-        (site / "tensorrt" / "__init__.py").write_text(SHIM)
-        _run([str(python), "-c", "; ".join(f"import {m}" for m in spec.imports)], f"importing {spec.imports}")
-        (tmp / "READY").write_text(json.dumps({"requirements": spec.requirements}))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same venv first
-            if not (final / "READY").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final / "bin" / "python"
+        raise RuntimeError("the TensorRT conformance venvs need a C compiler (gcc or cc) for the stub libraries")
+    pip(python, *spec.requirements)
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                     "locating site-packages").strip())
+    for lib, source in STUBS.items():
+        src = python.parent.parent / f"{lib}.c"
+        src.write_text(source + "\n")
+        soname = f"{lib}.so.{spec.tensorrt_major}"
+        _run([compiler, "-shared", "-fPIC", "-o", str(site / "tensorrt_bindings" / soname), f"-Wl,-soname,{soname}",
+              str(src)], f"compiling {soname}")
+    (site / "tensorrt").mkdir()
+    (site / "tensorrt" / "__init__.py").write_text(SHIM)
+    _run([str(python), "-c", "; ".join(f"import {m}" for m in spec.imports)], f"importing {spec.imports}")
+
+
+def conformance_python(spec: VenvSpec) -> Path:
+    """The python of ``spec``'s venv (built on first use, then reused)."""
+    key = [*spec.requirements, str(spec.tensorrt_major), *STUBS.values(), SHIM]
+    return venv_python(spec.name, key, lambda python: install(spec, python), system_site_packages=True)

@@ -29,46 +29,6 @@ for p in (str(HERE), str(REPO)):
 from cuda_sim import CudaSim, Device  # noqa: E402
 from trt_fakes import COMPUTE, TrtState, engine_bytes, make_tensorrt  # noqa: E402
 
-# The DiT graph I/O of docs/architecture.md (the Euler step inside the graph); used while MODEL_IO still has the old.
-NEW_DIT_IO = (("latents", "text_embeds", "pooled", "timestep", "timestep_next", "guidance", "img_ids", "txt_ids",
-               "img_k", "img_v", "scales", "masks", "block_scales"), ("velocity", "latents_next"))
-
-
-def _install_exported_standin() -> None:
-    """Until the lean runtime lands (runtime/exported.py with the numpy ``ExportedStages``), load the current
-    module with a minimal numpy ``ExportedStages`` in its place, before ``runtime`` is imported."""
-    path = REPO / "runtime" / "exported.py"
-    if "def denoise_session" in path.read_text():
-        return
-    spec = importlib.util.spec_from_file_location("runtime.exported", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from dynaip_trt.manifest import Manifest, max_subjects_of
-
-    class ExportedStages:
-        """Stand-in of the lead's base class (runtime/exported.py): manifest checks, run() is abstract."""
-
-        backend = ""
-        supports_text_branch = False
-
-        def __init__(self, directory, manifest=None):
-            self.directory = Path(directory)
-            self.manifest = manifest or Manifest.load(directory)
-            module.require_models(self.manifest, directory)
-            self.max_subjects = max_subjects_of(self.manifest)
-
-        def clip_levels(self, pixels):
-            return self.run("clip", {"pixel_values": pixels})["levels"]
-
-        def decode(self, latents):
-            return self.run("vae", {"latents": latents})["images"]
-
-    module.ExportedStages = ExportedStages
-    sys.modules["runtime.exported"] = module
-
-
-_install_exported_standin()
-
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "lean: needs tensorrt_lean (deselected in venvs without it)")
@@ -85,7 +45,8 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def dit_fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The synthetic DiT (NEW_DIT_IO): a velocity depending on every input, and the Euler step."""
+    """The synthetic DiT (the graph I/O of MODEL_IO["dit"]): a velocity depending on every input, and the Euler
+    step."""
     lat = x["latents"]
     t, tn = x["timestep"][:, None, None], x["timestep_next"][:, None, None]
     cond = x["text_embeds"].mean(axis=(1, 2)) + x["pooled"].mean(axis=1) + 0.1 * x["guidance"]
@@ -153,16 +114,6 @@ def build_copy(onnx_build, tmp_path) -> Path:
     return out
 
 
-@pytest.fixture()
-def new_dit_io(monkeypatch):
-    """MODEL_IO with the DiT I/O of docs/architecture.md (a no-op once the manifest has it)."""
-    from dynaip_trt.manifest import MODEL_IO
-
-    if MODEL_IO["dit"] != NEW_DIT_IO:
-        monkeypatch.setitem(MODEL_IO, "dit", NEW_DIT_IO)
-    return NEW_DIT_IO
-
-
 def synthetic_dit(manifest, dtype: str = "FLOAT") -> tuple[bytes, dict]:
     """A fake engine of the synthetic DiT with the profile of ``manifest``'s DiT (timestep_next like timestep,
     block_scales [blocks] from img_k), I/O in ``dtype``; returns the engine and its profile."""
@@ -170,8 +121,10 @@ def synthetic_dit(manifest, dtype: str = "FLOAT") -> tuple[bytes, dict]:
     profile["timestep_next"] = profile["timestep"]
     blocks = profile["img_k"]["min"][0]
     profile["block_scales"] = {k: [blocks] for k in ("min", "opt", "max")}
-    inputs = [{"name": n, "dtype": dtype, "shape": [-1] * len(profile[n]["min"])} for n in NEW_DIT_IO[0]]
-    outputs = [{"name": n, "dtype": dtype, "shape": [-1, -1, 64]} for n in NEW_DIT_IO[1]]
+    from dynaip_trt.manifest import MODEL_IO
+
+    inputs = [{"name": n, "dtype": dtype, "shape": [-1] * len(profile[n]["min"])} for n in MODEL_IO["dit"][0]]
+    outputs = [{"name": n, "dtype": dtype, "shape": [-1, -1, 64]} for n in MODEL_IO["dit"][1]]
     return engine_bytes({"model": "dit", "inputs": inputs, "outputs": outputs, "profile": profile,
                          "compute": {"kind": "fn", "name": "dit_euler"}}), profile
 
@@ -198,9 +151,9 @@ def fake_engine_build(directory: Path, **options) -> Path:
 
 
 @pytest.fixture()
-def trt_build(build_copy, trt_state, new_dit_io) -> Path:
+def trt_build(build_copy, trt_state) -> Path:
     """A build with an fp16 engine plan built by the fake builder for every model, the DiT's engine replaced by the
-    synthetic one (the I/O of docs/architecture.md)."""
+    synthetic one."""
     return fake_engine_build(build_copy)
 
 

@@ -16,10 +16,11 @@ import pytest
 from conftest import REPO, captured
 from cuda_sim import Device
 from dynaip_trt.errors import BackendUnavailableError
-from dynaip_trt.manifest import MODEL_IO, Manifest, check_engine_sources, check_tensorrt_section
+from dynaip_trt.manifest import (MODEL_IO, PLAN_FILE, TIMING_CACHE, Manifest, check_engine_sources,
+                                 check_tensorrt_section)
 from export import build
 from export.engines import EngineBuilder, EngineBuildError, plan_engines
-from export.specs import Envelope
+from export.envelope import Envelope
 
 
 def run_build(out, precision="fp16", **kw):
@@ -50,7 +51,7 @@ def test_engine_build_calls_the_real_api(build_copy, trt_state, real_trt):
 
 def test_a_failed_engine_leaves_the_previous_build(build_copy, trt_state):
     """Engines and manifest stay as they were (the timing cache may grow: its tactics stay valid)."""
-    keep = (build.PLAN_FILE, "timing.cache")
+    keep = (PLAN_FILE, TIMING_CACHE)
     run_build(build_copy)
     before = {f.name: f.read_bytes() for f in build_copy.iterdir() if f.is_file() and f.name not in keep}
     trt_state.fail_model = "dit"
@@ -179,7 +180,7 @@ def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt
     """What tests/test_build.py expects of the literal command follows the machine (defect 1): here TensorRT and a
     GPU are present (fakes), so the engines are built and the exit code is 0, not 3."""
     assert build.engine_step_unavailable("fp16") is None
-    assert build.main(["--precision", "fp16", "--skip-export", "--out", str(build_copy)]) == 0
+    assert build.main(["--precision", "fp16", "--skip-export", "--engine-dir", str(build_copy)]) == 0
     assert Manifest.load(build_copy).tensorrt["precision"] == "fp16"
     assert len(list(build_copy.glob("*.fp16.engine"))) == len(MODEL_IO)
 
@@ -188,7 +189,7 @@ def test_real_tensorrt_without_a_gpu_exits_3_with_a_clear_message(build_copy):
     """The real (stubbed) tensorrt module and the real cuda-python without a driver: python -m export.build ends
     with exit 3 and one clear line, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "export.build", "--precision", "fp16", "--skip-export", "--out",
+    r = subprocess.run([sys.executable, "-m", "export.build", "--precision", "fp16", "--skip-export", "--engine-dir",
                         str(build_copy)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "TypeError" not in r.stderr

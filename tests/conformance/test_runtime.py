@@ -119,7 +119,7 @@ def test_buckets_are_an_lru_of_max_graphs_with_one_context_each(trt_build, sim, 
         sessions[(2, 2)].step(0.5, 0.25)
     with pytest.raises(InputError, match="outside the engine's profile"):
         stages.denoise_session(*condition(stages.manifest, batch=5, subjects=1))
-    with pytest.raises(InputError, match="text-branch"):
+    with pytest.raises(InputError, match="text_branch schedules need the torch backend"):
         sessions[(3, 1)].step(0.5, 0.25, text_branch=True)
     stages.close()
     assert sim.live() == {}
@@ -206,7 +206,7 @@ def test_bfloat16_rounds_to_nearest_even():
     np.testing.assert_array_equal(bfloat16_bits_to_float32(bits[:5]), [1.0, 1.0, 1.015625, 1.0078125, -2.5])
 
 
-def test_engine_io_is_checked_against_the_runtime(trt_build, sim, trt_state, new_dit_io, monkeypatch):
+def test_engine_io_is_checked_against_the_runtime(trt_build, sim, trt_state, monkeypatch):
     from dynaip_trt.manifest import MODEL_IO
     from runtime.trt_backend import TrtStages
 
@@ -249,8 +249,7 @@ def test_without_tensorrt_or_cuda_python_the_backend_says_what_to_install(trt_bu
 
 
 @pytest.mark.lean
-def test_the_lean_runtime_runs_version_compatible_engines_only(build_copy, sim, trt_state, new_dit_io,
-                                                                monkeypatch):
+def test_the_lean_runtime_runs_version_compatible_engines_only(build_copy, sim, trt_state, monkeypatch):
     """tensorrt_lean (real classes, checked fakes) instead of the full tensorrt: engines built with
     --version-compatible load (with engine host code allowed) and run; others are refused with what to do."""
     import importlib
