@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import sys
@@ -32,8 +33,11 @@ from typing import Callable, Iterable, TypeVar
 from tqdm.auto import tqdm
 
 from .errors import DynaIPError, InputError, OutputError
+from .files import atomic_path
 
 T = TypeVar("T")
+MARKER = "dynaip-trt"  # in the images (PNG text, JPEG comment) and JSON reports we write: a rerun may replace them
+WEIGHTS_CONFIG_FILE = "dynaip_config.json"  # saved beside a base model folder by dynaip_trt.weights.save_models
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 # third-party loggers that only show errors unless --verbose (the exporters, optimizers and polygraphy are chatty)
@@ -123,6 +127,18 @@ def check_source_args(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} {value}: no such {kind}")
 
 
+def family_name(config: str, base: str | Path | None = None) -> str:
+    """The name of the models :func:`load_family` gives (cheap: no weights are read): the config's, or that saved
+    with a base folder (``dynaip_config.json``), else the folder's name. Default output folders use it."""
+    if base is None:
+        return config
+    saved = Path(base) / WEIGHTS_CONFIG_FILE
+    try:
+        return str(json.loads(saved.read_text())["name"]) if saved.is_file() else Path(base).name
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return Path(base).name
+
+
 def check_writable_file(path: str | Path, flag: str, is_ours: Callable[[Path], bool] | None = None) -> Path:
     """Check before any work that ``path`` can be written (atomically, beside itself): its folder exists and takes
     a new file, it is not a folder or a special file, and an existing file there was written by us (``is_ours``;
@@ -147,3 +163,63 @@ def check_writable_file(path: str | Path, flag: str, is_ours: Callable[[Path], b
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def write_json_report(path: str | Path, data: dict) -> Path:
+    """Write ``data`` as JSON atomically, marked as ours (``"generator": "dynaip-trt"``)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"generator": MARKER, **data}, indent=1))
+    return path
+
+
+def written_json_report(path: Path) -> bool:
+    """Whether ``path`` is a JSON report we wrote (:func:`write_json_report`)."""
+    try:
+        return json.loads(path.read_text()).get("generator") == MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def image_format(path: Path, flag: str) -> str:
+    """The PIL format of an output image from its suffix; :class:`InputError` naming ``flag`` otherwise."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{flag} {path}: unknown image suffix {path.suffix!r}; use e.g. .png or .jpg")
+    return fmt
+
+
+def save_image(image, path: str | Path, flag: str = "--out") -> Path:
+    """Write a PIL image atomically (format from the suffix), marked as ours in its PNG text or JPEG comment. An
+    ``OSError`` (disk full, file too large...) becomes :class:`OutputError` naming ``flag`` and the path."""
+    from PIL import PngImagePlugin
+
+    path = Path(path)
+    fmt = image_format(path, flag)
+    extra: dict = {}
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", MARKER)
+        extra["pnginfo"] = info
+    elif fmt == "JPEG":
+        extra["comment"] = MARKER
+    try:
+        with atomic_path(path) as tmp:
+            image.save(tmp, format=fmt, **extra)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write it ({e.strerror or e}); nothing was written") from e
+    return path
+
+
+def written_image(path: Path) -> bool:
+    """Whether ``path`` is an image we wrote (:func:`save_image`'s marker)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = im.info.get("Software") or im.info.get("comment") or b""
+    except OSError:
+        return False
+    return (text.decode(errors="replace") if isinstance(text, bytes) else str(text)).startswith(MARKER)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn value: per-tensor scale = amax / FP8_E4M3_MAX
+from .manifest import FP8_E4M3_MAX
+
 QUANTIZED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 KERNELS = ("qdq", "scaled_mm")
 

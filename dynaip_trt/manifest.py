@@ -50,7 +50,8 @@ MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae": (("latents",), ("images",)),
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
-FP8_BASES = ("bf16", "fp16")  # precision of the non-quantized ops of an FP8 graph (first: the engine default)
+FP8_BASES = ("fp16", "bf16")  # precision of the non-FP8 ops of an FP8 DiT graph
+FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn value: a per-tensor FP8 scale is amax / FP8_E4M3_MAX
 
 
 def fp8_variant(base: str) -> str:
@@ -89,6 +90,8 @@ class ModelEntry:
         precision: numeric precision of the graph (``fp32``, ``fp16``, ``bf16``, ``fp8``).
         engine: TensorRT engine file (set by ``export.build``), or ``None``.
         variants: other ONNX files of the same model by precision (e.g. ``{"fp16": "dit.fp16.onnx"}``).
+        sources: what each graph was exported from, by precision: a key over the config, the model's weights,
+            the opset and the profile (``export.onnx`` reuses a graph whose key is unchanged).
     """
 
     onnx: str
@@ -99,6 +102,7 @@ class ModelEntry:
     precision: str = "fp32"
     engine: str | None = None
     variants: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
     def graphs(self) -> dict[str, str]:
         """``{precision: ONNX file}`` of every graph of this model: the main graph and its variants."""

@@ -19,6 +19,7 @@ from .configs import (DEFAULT_CONFIG, AdapterConfig, DynaIPConfig, TextConfig, T
 from .errors import ConfigError, WeightsError
 from .files import atomic_path
 from .models import DynaIPModels, build_adapter, build_models, finalize
+from .cli import WEIGHTS_CONFIG_FILE, family_name
 from .text import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_FORMAT = "dynaip-adapter"
 ADAPTER_VERSION = "1"
 BASE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-CONFIG_FILE = "dynaip_config.json"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -121,7 +121,7 @@ def save_models(models: DynaIPModels, base_dir: str | Path, clip_dir: str | Path
     models.clip_tokenizer.save(base_dir / "tokenizer")
     models.t5_tokenizer.save(base_dir / "tokenizer_2")
     (base_dir / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    (base_dir / CONFIG_FILE).write_text(json.dumps(models.config.to_dict(), indent=1))
+    (base_dir / WEIGHTS_CONFIG_FILE).write_text(json.dumps(models.config.to_dict(), indent=1))
     models.vision.save_pretrained(clip_dir, safe_serialization=True)
     if adapter_path is not None:
         save_adapter(models.adapter, adapter_path)
@@ -130,7 +130,8 @@ def save_models(models: DynaIPModels, base_dir: str | Path, clip_dir: str | Path
 def _derive_config(base_dir: Path, transformer, vision, clip_text, t5, vae, adapter_cfg: AdapterConfig
                    ) -> DynaIPConfig:
     """A :class:`DynaIPConfig` describing loaded models (sampling defaults from ``dynaip_config.json`` if any)."""
-    saved = json.loads((base_dir / CONFIG_FILE).read_text()) if (base_dir / CONFIG_FILE).is_file() else {}
+    saved_file = base_dir / WEIGHTS_CONFIG_FILE
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     saved["name"] = family_name("", base_dir)
     tc = transformer.config
     vc = vision.config
@@ -229,18 +230,6 @@ def load_models(base_dir: str | Path, clip_dir: str | Path, adapter_path: str | 
                           load_tokenizer(base_dir / "tokenizer_2", cfg.text.max_text_length))
     logger.info("loaded %s from %s (+ CLIP %s, adapter %s)", cfg.name, base_dir, clip_dir, adapter_path)
     return finalize(models)
-
-
-def family_name(config: str, base: str | Path | None = None) -> str:
-    """The name of the models :func:`load_family` gives (cheap: no weights are read): the config's, or that saved
-    with a base folder (``dynaip_config.json``), else the folder's name. Default output folders use it."""
-    if base is None:
-        return config
-    saved = Path(base) / CONFIG_FILE
-    try:
-        return str(json.loads(saved.read_text())["name"]) if saved.is_file() else Path(base).name
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return Path(base).name
 
 
 def load_family(config: str | DynaIPConfig = DEFAULT_CONFIG, base: str | Path | None = None,

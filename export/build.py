@@ -26,22 +26,23 @@ import logging
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from calibration.store import owned_files as owned_calibration_files
-from dynaip_trt.cli import check_source_args, cli_main, configure_logging
+from dynaip_trt.cli import check_source_args, cli_main, configure_logging, family_name
 from dynaip_trt.cli import progress as progress_bar
 from dynaip_trt.errors import BackendUnavailableError, ConfigError
 from dynaip_trt.files import atomic_path, claim_dir, staged_files
-from dynaip_trt.manifest import FP8_BASES, MODEL_IO, PLAN_FILE, Manifest
-from dynaip_trt.models import DynaIPModels
-from dynaip_trt.weights import family_name, load_family
+from dynaip_trt.manifest import FP8_BASES, MODEL_IO, PLAN_FILE, Manifest, sha256_file
 
 from .cli import add_export_args, envelope_from_args
 from .engines import (DEFAULT_FP8_BASE, ENGINE_PRECISIONS, EngineBuilder, EnginePlan, check_gpu_supports,
                       graph_precision, import_tensorrt_builder, plan_engines, record_engines, required_variants,
                       system_section)
 from .envelope import Envelope
-from .exporter import export_all
-from .fp8 import prepare_fp8
+
+if TYPE_CHECKING:  # torch and the model code load only when there is something to export or calibrate
+    from dynaip_trt.models import DynaIPModels
 
 logger = logging.getLogger("export.build")
 
@@ -67,24 +68,41 @@ def engine_step_unavailable(precision: str, fp8_base: str = DEFAULT_FP8_BASE) ->
     return None
 
 
+def engine_is_current(manifest: Manifest, directory: Path, plan: EnginePlan, system: dict) -> bool:
+    """Whether the build already holds ``plan``'s engine, built with this very plan (source graph hash, flags,
+    profile) on this system (TensorRT version, GPU), its file intact."""
+    section = manifest.tensorrt or {}
+    entry = manifest.models.get(plan.model)
+    return (all(section.get(k) == v for k, v in system.items()) and entry is not None and entry.engine == plan.engine
+            and section.get("engines", {}).get(plan.model) == plan.to_dict()
+            and (directory / plan.engine).is_file()
+            and sha256_file(directory / plan.engine) == entry.files.get(plan.engine))
+
+
 def build_engines(out_dir: Path, plans: list[EnginePlan], precision: str, verbose: bool = False,
-                  progress: bool = True) -> Manifest:
-    """Build every planned engine into a staging folder, move them into ``out_dir`` together and record them in
-    the manifest. Raises :class:`BackendUnavailableError` without TensorRT's builder or a GPU, or when the GPU
-    cannot run a planned precision (checked before anything is built)."""
+                  progress: bool = True, force: bool = False) -> Manifest:
+    """Build every planned engine that is not already current (:func:`engine_is_current`; ``force`` rebuilds all)
+    into a staging folder, move them into ``out_dir`` together and record them in the manifest. Raises
+    :class:`BackendUnavailableError` without TensorRT's builder or a GPU, or when the GPU cannot run a planned
+    precision (checked before anything is built)."""
     builder = EngineBuilder(out_dir, verbose=verbose)
     check_gpu_supports(builder.gpu, {p.model: p.precision for p in plans})
     manifest = Manifest.load(out_dir)
+    system = system_section(builder.trt, builder.gpu)
+    todo = plans if force else [p for p in plans if not engine_is_current(manifest, out_dir, p, system)]
+    if len(todo) < len(plans):
+        logger.info("engines of %s are current: not rebuilt (--force rebuilds them)",
+                    sorted({p.model for p in plans} - {p.model for p in todo}))
     with staged_files(out_dir, prefix=".engines-") as staging:
-        for plan in progress_bar(plans, f"build {precision}", progress):
+        for plan in progress_bar(todo, f"build {precision}", progress):
             builder.build(plan, staging)
-    return record_engines(manifest, out_dir, plans, system_section(builder.trt, builder.gpu), precision)
+    return record_engines(manifest, out_dir, plans, system, precision)
 
 
 def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelope: Envelope, calib_dir: str | Path,
         opset: int, skip_export: bool = False, plan_only: bool = False, optimization_level: int = 3,
         workspace_bytes: int | None = None, calib_samples: int = 8, verbose: bool = False,
-        progress: bool = True, fp8_base: str = DEFAULT_FP8_BASE, tf32: bool = True,
+        progress: bool = True, force: bool = False, fp8_base: str = DEFAULT_FP8_BASE, tf32: bool = True,
         version_compatible: bool = False) -> list[EnginePlan]:
     """The whole build (see the module docstring); returns the engine plans. ``models`` may be ``None`` only with
     ``skip_export`` for fp16/bf16 (nothing to export or calibrate). Raises :class:`BackendUnavailableError` after
@@ -100,9 +118,13 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
     if skip_export:
         Manifest.load(out_dir).verify(out_dir)
     else:
+        from .exporter import export_all
+
         export_all(out_dir, models=models, opset=opset, variants=required_variants(precision, fp8_base=fp8_base),
-                   envelope=envelope, progress=progress)
+                   envelope=envelope, progress=progress, force=force)
     if precision == "fp8":
+        from .fp8 import prepare_fp8
+
         prepare_fp8(models, out_dir, calib_dir, calib_samples, progress, base=fp8_base)
     manifest = Manifest.load(out_dir)
     plans = plan_engines(manifest, out_dir, precision, envelope, optimization_level=optimization_level,
@@ -111,7 +133,7 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
     path = write_plan(out_dir, plans, precision)
     logger.info("ONNX graphs exported and checked; engine plan in %s", path)
     if not plan_only:
-        build_engines(out_dir, plans, precision, verbose, progress)
+        build_engines(out_dir, plans, precision, verbose, progress, force)
         logger.info("%s engines for %s written to %s", precision, [p.model for p in plans], out_dir)
     return plans
 
@@ -125,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=8, help="FP8 calibration requests when collecting")
     p.add_argument("--skip-export", action="store_true", help="build from the ONNX already in --engine-dir")
     p.add_argument("--plan-only", action="store_true", help="export and write engine_plan.json; build nothing")
+    p.add_argument("--force", action="store_true", help="re-export every graph and rebuild every engine (default: "
+                   "reuse those whose source did not change)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: no limit)")
     p.add_argument("--fp8-base", choices=FP8_BASES, default=DEFAULT_FP8_BASE,
@@ -148,14 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         claim_dir(out, Manifest.owned_files, f"--engine-dir {out}")
     if args.precision == "fp8":
         claim_dir(calib, owned_calibration_files, f"--calib {calib}")
-    needs_models = not args.skip_export or args.precision == "fp8"
-    models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed) if needs_models else None
+    models = None
+    if not args.skip_export or args.precision == "fp8":
+        from dynaip_trt.weights import load_family
+
+        models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed)
     if models is not None:
         cfg = models.config
     try:
         run(models, out, args.precision, envelope_from_args(args, cfg), calib, args.opset, args.skip_export,
             args.plan_only, args.opt_level, int(args.workspace_gib * 2**30) if args.workspace_gib else None,
-            args.calib_samples, args.verbose, fp8_base=args.fp8_base, tf32=not args.no_tf32,
+            args.calib_samples, args.verbose, force=args.force, fp8_base=args.fp8_base, tf32=not args.no_tf32,
             version_compatible=args.version_compatible)
     except BackendUnavailableError as e:
         logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "

@@ -16,8 +16,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from calibration.collect import collect
-from calibration.quantize import TORCH_DTYPES, check_table, dit_variant, quality_report, recalibrate, write_report
+from calibration.quantization import TORCH_DTYPES, check_table, dit_variant, quality_report, recalibrate, \
+    write_report
+from calibration.recording import collect
 from calibration.store import AmaxTable, load_records
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.files import staged_files

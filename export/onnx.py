@@ -17,11 +17,9 @@ from dynaip_trt.cli import check_source_args, cli_main, configure_logging
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.files import claim_dir
 from dynaip_trt.manifest import Manifest
-from dynaip_trt.weights import load_family
 
 from .cli import add_export_args, envelope_from_args
-from .exporter import BF16_MODELS, FP16_MODELS, export_all
-from .specs import SPECS
+from .specs import BF16_MODELS, FP16_MODELS, SPECS
 
 logger = logging.getLogger("export.onnx")
 
@@ -35,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help=f"also export BF16 variants of {BF16_MODELS}")
     p.add_argument("--fp8", action="store_true", help="also export the FP8 DiT (calibrating into --calib if needed)")
     p.add_argument("--calib", metavar="DIR", help="FP8 calibration folder (default calib/<config>)")
+    p.add_argument("--force", action="store_true", help="re-export every graph (default: reuse the graphs of a "
+                   "previous build in --engine-dir whose source did not change)")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     check_source_args(args)
     if args.engine_dir:  # before loading any model: nothing of the user's may be replaced
         claim_dir(args.engine_dir, Manifest.owned_files, f"--engine-dir {args.engine_dir}")
+    from dynaip_trt.weights import load_family  # torch and the model code: only once the arguments are checked
+
+    from .exporter import export_all
+
     models = load_family(args.config, args.base, args.clip, args.adapter, args.weights_seed)
     out = args.engine_dir or f"build/{models.config.name}"
     calib = args.calib or f"calib/{models.config.name}"
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 if wanted}
     envelope = envelope_from_args(args, models.config)
     export_all(out, models=models, names=names, opset=args.opset, variants=variants, envelope=envelope,
-               what=f"--engine-dir {out}")
+               what=f"--engine-dir {out}", force=args.force)
     if args.fp8:
         from .fp8 import prepare_fp8
 

@@ -18,7 +18,6 @@ precision, missing or tampered files); 3 a requested backend is not installed (t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict, dataclass
@@ -27,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from dynaip_trt.cli import cli_main, configure_logging
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging, write_json_report, written_json_report
 from dynaip_trt.cli import progress as progress_bar
-from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, import_optional
-from dynaip_trt.files import atomic_path
-from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, ModelEntry, check_profile, check_tensorrt_section, \
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, import_optional
+from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, check_profile, check_tensorrt_section, \
     safe_join
 from dynaip_trt.metrics import report
 from dynaip_trt.tensorrt_api import import_tensorrt_gpu
@@ -341,6 +339,19 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[Row]) -> str:
+    """The rows as a Markdown table (what the README shows, pasted from this output)."""
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| model | precision | backend | vs | rel L2 | max abs | cosine | tolerance | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.precision} | {r.backend} | {r.vs} | {num(r.rel_l2, '.2e')} | "
+              f"{num(r.max_abs, '.2e')} | {num(r.cosine, '.8f')} | {num(r.tolerance, '.0e')} | {r.result} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def report_json(directory: str | Path, backends: tuple[str, ...], rows: list[Row]) -> dict[str, Any]:
     """The report as JSON-ready data: build directory, backends, tolerances and every row."""
     return {"build": str(directory), "backends": list(backends), "tolerances": TOLERANCES,
@@ -360,10 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"auto (ONNX Runtime, plus TensorRT when it and a GPU are present) or a comma list of "
                         f"{','.join(BACKENDS)}")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--format", choices=("text", "markdown"), default="text", help="how the table is printed")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
     quiet_polygraphy(args.verbose)
+    if args.json:
+        check_writable_file(args.json, "--json", written_json_report)
+    Manifest.load(args.engine_dir, what=f"--engine-dir {args.engine_dir}")  # before any backend is imported
     precisions = parse_list(args.precisions, PRECISIONS, "precisions")
     models = parse_list(args.models, tuple(MODEL_IO), "models")
     try:
@@ -372,10 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as e:
         logger.error("%s", e)
         return EXIT_NEEDS_BACKEND
-    print(format_table(rows))
+    print(format_markdown(rows) if args.format == "markdown" else format_table(rows))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report_json(args.engine_dir, backends, rows), indent=1))
+        write_json_report(args.json, report_json(args.engine_dir, backends, rows))
     failed = [r for r in rows if r.result == FAIL]
     if failed:
         logger.error("%d of %d comparisons failed", len(failed), len(rows))

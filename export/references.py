@@ -8,17 +8,19 @@ and outputs, hashed in the manifest like every other file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dynaip_trt.errors import ManifestError
 from dynaip_trt.files import atomic_path
 from dynaip_trt.manifest import MODEL_IO, ModelEntry, safe_join, sha256_file
-from dynaip_trt.models import DynaIPModels
 
 from .envelope import Envelope
 from .specs import get_spec
+
+if TYPE_CHECKING:
+    from dynaip_trt.models import DynaIPModels
 
 REFERENCE_DIR = "reference"
 REFERENCE_SEED = 0
@@ -49,6 +51,8 @@ def save_references(directory: str | Path, models: DynaIPModels, names: tuple[st
     for name in names:
         spec = get_spec(name, models)
         inputs = spec.sample_inputs(*point, seed=REFERENCE_SEED)
+        import torch
+
         with torch.no_grad():
             outputs = spec.module().eval()(*(inputs[n] for n in spec.input_names))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)

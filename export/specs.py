@@ -3,17 +3,20 @@ concrete shapes for any request envelope, min/opt/max engine profiles, sample in
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.manifest import MODEL_IO
-from dynaip_trt.models import DynaIPModels
 from dynaip_trt.sampling import image_token_count, latent_image_ids, text_ids
-from dynaip_trt.stage_modules import ClipLevels, DiTStep, FusionKV, TextEncoders, VaeDecode
 
 from .envelope import Envelope
+
+if TYPE_CHECKING:  # the declarations are lean: torch and the model code load when a module or input is built
+    import torch
+    from torch import nn
+
+    from dynaip_trt.models import DynaIPModels
 
 Shape = tuple[int, ...]
 
@@ -27,8 +30,8 @@ class ModelSpec:
     def __init__(self, models: DynaIPModels | DynaIPConfig):
         """``models``: the family to export, or only its config for a shape-only spec (profiles, sample inputs;
         :meth:`module` then raises)."""
-        self._models = models if isinstance(models, DynaIPModels) else None
-        self.cfg: DynaIPConfig = models.config if isinstance(models, DynaIPModels) else models
+        self._models = None if isinstance(models, DynaIPConfig) else models
+        self.cfg: DynaIPConfig = models if isinstance(models, DynaIPConfig) else models.config
 
     @property
     def models(self) -> DynaIPModels:
@@ -44,8 +47,9 @@ class ModelSpec:
     def output_names(self) -> tuple[str, ...]:
         return MODEL_IO[self.name][1]
 
-    def module(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The flat module (:mod:`dynaip_trt.stage_modules`) computing in ``dtype``, float32 in and out."""
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The flat module (:mod:`dynaip_trt.stage_modules`) computing in ``dtype`` (default float32), float32 in
+        and out."""
         raise NotImplementedError
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -70,6 +74,8 @@ class ModelSpec:
         """Valid random inputs. Defaults use sizes >= 2 on every dynamic axis (size-1 examples become static)."""
         height = height or self.cfg.height
         width = width or self.cfg.width - self.cfg.pixel_multiple  # non-square: distinct dynamic dims
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         out = {}
         for name, shape in self.shapes(batch, subjects, height, width).items():
@@ -87,7 +93,9 @@ class ModelSpec:
 class ClipSpec(ModelSpec):
     name = "clip"
 
-    def module(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import ClipLevels
+
         return ClipLevels(self.models.vision, self.cfg.adapter.tap_layers, dtype)
 
     def dynamic_axes(self):
@@ -108,7 +116,9 @@ class ClipSpec(ModelSpec):
 class FusionSpec(ModelSpec):
     name = "fusion"
 
-    def module(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import FusionKV
+
         return FusionKV(self.models.adapter, dtype)
 
     def dynamic_axes(self):
@@ -121,6 +131,8 @@ class FusionSpec(ModelSpec):
                 "level_weights": (batch, subjects, a.num_levels), "level_override": (batch, subjects)}
 
     def fix_inputs(self, inputs, height, width):
+        import torch
+
         inputs["level_weights"] = inputs["level_weights"].abs()
         inputs["level_override"] = (torch.arange(inputs["level_override"].numel()) % 2).float().reshape(
             inputs["level_override"].shape)
@@ -131,7 +143,9 @@ class TextSpec(ModelSpec):
     name = "text"
     precisions = ("fp32", "bf16")  # T5 overflows in fp16
 
-    def module(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import TextEncoders
+
         return TextEncoders(self.models.clip_text, self.models.t5, dtype)
 
     def dynamic_axes(self):
@@ -150,7 +164,9 @@ class DiTSpec(ModelSpec):
     name = "dit"
     precisions = ("fp32", "fp16", "bf16", "fp8")
 
-    def module(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import DiTStep
+
         return DiTStep(self.models.transformer, self.cfg.adapter.attention_mode, dtype)
 
     def dynamic_axes(self):
@@ -172,6 +188,8 @@ class DiTSpec(ModelSpec):
                 "masks": (batch, subjects, n), "block_scales": (blocks,)}
 
     def fix_inputs(self, inputs, height, width):
+        import torch
+
         b = inputs["latents"].shape[0]
         inputs["timestep"] = torch.linspace(0.9, 0.3, b)
         inputs["timestep_next"] = inputs["timestep"] - 0.2
@@ -187,7 +205,9 @@ class DiTSpec(ModelSpec):
 class VaeSpec(ModelSpec):
     name = "vae"
 
-    def module(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import VaeDecode
+
         return VaeDecode(self.models.vae, dtype)
 
     def dynamic_axes(self):
@@ -199,6 +219,8 @@ class VaeSpec(ModelSpec):
 
 
 SPECS: dict[str, type[ModelSpec]] = {s.name: s for s in (ClipSpec, FusionSpec, TextSpec, DiTSpec, VaeSpec)}
+FP16_MODELS = tuple(n for n, s in SPECS.items() if "fp16" in s.precisions)  # not text: T5 overflows in fp16
+BF16_MODELS = tuple(n for n, s in SPECS.items() if "bf16" in s.precisions)
 
 
 def get_spec(name: str, models: DynaIPModels | DynaIPConfig) -> ModelSpec:

@@ -14,7 +14,6 @@ overhead and the GPU compute floor import it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import resource
@@ -28,7 +27,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dynaip_trt.cli import cli_main, configure_logging
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging, image_format, save_image, \
+    write_json_report, written_image, written_json_report
 from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig, get_config
 from dynaip_trt.errors import ConfigError, DynaIPError
 from dynaip_trt.request import GenerationRequest
@@ -206,9 +206,9 @@ def plot(rows: list[Row], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    fig.canvas.draw()
+    save_image(Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB"),
+               path, "--plot")
     plt.close(fig)
 
 
@@ -239,6 +239,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
+    if args.json:
+        check_writable_file(args.json, "--json", written_json_report)
+    if args.plot:
+        check_writable_file(args.plot, "--plot", written_image)
+        image_format(Path(args.plot), "--plot")
     from dynaip_trt.tensorrt_api import cuda_device_count
 
     gpu = (args.device or ("cuda" if cuda_device_count() else "cpu")) == "cuda"
@@ -279,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         r.vs_baseline = base[r.subjects] / r.step_ms if r.subjects in base else None
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": where, "args": vars(args), "rows": [
-            {**asdict(r), "vs_floor": r.vs_floor} for r in rows]}, indent=1))
+        write_json_report(args.json, {"device": where, "args": vars(args), "rows": [
+            {**asdict(r), "vs_floor": r.vs_floor} for r in rows]})
     if args.plot and rows:
         plot(rows, args.plot)
     return 0

@@ -15,21 +15,17 @@ import argparse
 import logging
 import math
 import sys
-from pathlib import Path
 
-from PIL import Image
-
-from dynaip_trt.cli import add_source_args, check_source_args, check_writable_file, cli_main, configure_logging
+from dynaip_trt.cli import add_source_args, check_source_args, check_writable_file, cli_main, configure_logging, \
+    image_format, save_image, written_image
 from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig, get_config
 from dynaip_trt.errors import ConfigError, InputError
-from dynaip_trt.files import atomic_path
 from dynaip_trt.images import load_image
 from dynaip_trt.manifest import Manifest
-from dynaip_trt.request import MAX_SCALE, check_seed, check_size, check_steps_guidance
+from dynaip_trt.request import MAX_SCALE, MAX_SEED, MAX_SIDE
 
 logger = logging.getLogger("runtime.generate")
 
-IMAGE_MARKER = "dynaip-trt"  # written into PNG text / JPEG comments: a later run may replace its own output
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 
 
@@ -83,39 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def output_format(path: Path) -> str:
-    """The PIL format of ``--out`` from its suffix."""
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"--out {path}: unknown image suffix {path.suffix!r}; use e.g. .png or .jpg")
-    return fmt
-
-
-def written_by_us(path: Path) -> bool:
-    """Whether ``path`` is an image this command wrote (its PNG text or JPEG comment carries the marker)."""
-    try:
-        with Image.open(path) as im:
-            text = im.info.get("Software") or im.info.get("comment") or b""
-    except OSError:
-        return False
-    return (text.decode(errors="replace") if isinstance(text, bytes) else str(text)).startswith(IMAGE_MARKER)
-
-
-def save_image(image: Image.Image, path: Path, fmt: str) -> None:
-    """Write ``image`` atomically (temporary name beside ``path``, then rename), marked as ours."""
-    from PIL import PngImagePlugin
-
-    extra = {}
-    if fmt == "PNG":
-        info = PngImagePlugin.PngInfo()
-        info.add_text("Software", IMAGE_MARKER)
-        extra["pnginfo"] = info
-    elif fmt == "JPEG":
-        extra["comment"] = IMAGE_MARKER
-    with atomic_path(path) as tmp:
-        image.save(tmp, format=fmt, **extra)
-
-
 def parse_granularity(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -127,25 +90,30 @@ def parse_granularity(text: str | None) -> list[float] | None:
 
 def check_numbers(args: argparse.Namespace, cfg: DynaIPConfig | None) -> None:
     """The numeric flags, in CLI terms, before any model is loaded (with the config when it is known)."""
-    for flag, value in (("--scale", v) for v in args.scale or []):
+    for value in args.scale or []:
         if not math.isfinite(value) or not 0 <= value <= MAX_SCALE:
-            raise InputError(f"{flag} {value:g} must be a finite number in [0, {MAX_SCALE:g}]")
+            raise InputError(f"--scale {value:g} must be a finite number in [0, {MAX_SCALE:g}]")
     if args.scale and len(args.scale) not in (1, len(args.subjects)):
         raise InputError(f"--scale given {len(args.scale)} times for {len(args.subjects)} subjects: give it once "
                          f"for all subjects or once per subject")
-    if args.seed is not None:
-        check_seed(args.seed)
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed {args.seed} must be in [0, 2**63 - 1]")
     if args.threads < 0:
         raise InputError(f"--threads {args.threads} must be >= 0")
-    if cfg is not None:
-        check_steps_guidance(cfg.steps if args.steps is None else args.steps,
-                             cfg.guidance if args.guidance is None else args.guidance)
-        check_size(cfg.height if args.height is None else args.height, cfg.width if args.width is None else args.width,
-                   cfg.pixel_multiple)
-        levels = parse_granularity(args.granularity)
-        if levels is not None and len(levels) != cfg.adapter.num_levels:
-            raise InputError(f"--granularity has {len(levels)} values; this model has {cfg.adapter.num_levels} "
-                             f"levels (e.g. {','.join(['1'] * cfg.adapter.num_levels)})")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise InputError(f"--steps {args.steps} must be in [1, 1000]")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
+        raise InputError(f"--guidance {args.guidance:g} must be a finite number in [0, 100]")
+    levels = parse_granularity(args.granularity)
+    if cfg is None:
+        return
+    m = cfg.pixel_multiple
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < m or value > MAX_SIDE or value % m):
+            raise InputError(f"{flag} {value} must be a multiple of {m} in [{m}, {MAX_SIDE}]")
+    if levels is not None and len(levels) != cfg.adapter.num_levels:
+        raise InputError(f"--granularity has {len(levels)} values; this model has {cfg.adapter.num_levels} levels "
+                         f"(e.g. {','.join(['1'] * cfg.adapter.num_levels)})")
 
 
 def check_build(args: argparse.Namespace) -> Manifest:
@@ -187,8 +155,8 @@ def load_engine(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose)
-    out = check_writable_file(args.out, "--out", written_by_us)
-    fmt = output_format(out)
+    out = check_writable_file(args.out, "--out", written_image)
+    image_format(out, "--out")
     if args.engine_dir:
         for flag in ("base", "clip", "adapter"):
             if getattr(args, flag):
@@ -211,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     images = engine.generate(args.prompt, subjects, scales=scales, granularity=parse_granularity(args.granularity),
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                              seed=args.seed, truncate_prompt=not args.no_truncate, progress=True)
-    save_image(images[0], out, fmt)
+    save_image(images[0], out)
     logger.info("wrote %s (%s backend)", out, engine.backend)
     return 0
 

@@ -46,7 +46,8 @@ def tiny_build(tmp_path_factory, tiny_models):
 
     Read-only for tests: copy it before modifying files.
     """
-    from export.exporter import FP16_MODELS, export_all
+    from export.exporter import export_all
+    from export.specs import FP16_MODELS
 
     out = tmp_path_factory.mktemp("build") / "tiny"
     export_all(out, models=tiny_models, variants={"fp16": FP16_MODELS}, progress=False)

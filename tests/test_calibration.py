@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from calibration.collect import collect, record_steps
-from calibration.quantize import calibrate_modelopt, dit_variant, quantized_transformer
+from calibration.quantization import calibrate_modelopt, dit_variant, quantized_transformer
+from calibration.recording import collect, record_steps
 from calibration.store import AmaxTable, load_records
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.fp8 import FP8_E4M3_MAX, fp8_layers, fp8_qdq

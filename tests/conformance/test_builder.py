@@ -56,9 +56,23 @@ def test_a_failed_engine_leaves_the_previous_build(build_copy, trt_state):
     before = {f.name: f.read_bytes() for f in build_copy.iterdir() if f.is_file() and f.name not in keep}
     trt_state.fail_model = "dit"
     with pytest.raises(EngineBuildError, match="failed to build the dit engine"):
-        run_build(build_copy)
+        run_build(build_copy, force=True)
     after = {f.name: f.read_bytes() for f in build_copy.iterdir() if f.is_file() and f.name not in keep}
     assert after == before and not [f for f in build_copy.iterdir() if f.name.startswith(".")]
+
+
+def test_only_engines_whose_plan_or_graph_changed_are_rebuilt(build_copy, trt_state):
+    run_build(build_copy)
+    assert len(trt_state.builds) == len(MODEL_IO), "the first build builds every engine"
+    with captured("export", logging.INFO) as messages:
+        run_build(build_copy)
+    assert len(trt_state.builds) == len(MODEL_IO), "nothing changed: no engine is rebuilt"
+    assert any("are current: not rebuilt" in m for m in messages)
+    Manifest.load(build_copy).verify(build_copy)
+    run_build(build_copy, tf32=False)  # another plan: every engine again
+    assert len(trt_state.builds) == 2 * len(MODEL_IO)
+    run_build(build_copy, tf32=False, force=True)
+    assert len(trt_state.builds) == 3 * len(MODEL_IO), "force rebuilds every engine"
 
 
 def test_a_misspelled_tensorrt_attribute_fails_the_build(build_copy, trt_state, monkeypatch):
@@ -103,7 +117,7 @@ def test_verbose_reaches_the_one_tensorrt_logger(build_copy, trt_state):
         with captured("tensorrt", None) as quiet:
             run_build(build_copy)
         with captured("tensorrt", None) as verbose:
-            run_build(build_copy, verbose=True)
+            run_build(build_copy, verbose=True, force=True)
     finally:
         logging.getLogger("tensorrt").setLevel(logging.NOTSET)
     assert len({id(lg) for lg in trt_state.loggers}) == 1 and len(trt_state.loggers) >= 2 * len(MODEL_IO) + 1
