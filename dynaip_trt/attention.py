@@ -10,6 +10,12 @@ Installed with :func:`dynaip_trt.adapter.install_processors` (no fork of diffuse
 
 ``q_*`` are each branch's queries after QK-norm and before RoPE. The reference K/V ``K(R), V(R)`` arrive already
 projected (computed once per request by the fusion engine) through the ``dynaip`` joint-attention kwarg.
+
+Where the image-branch term enters a double-stream block is configurable (``AdapterConfig.injection``): after
+``to_out`` (DynaIP), before ``to_out`` (InstantX), or returned as a third output that diffusers'
+``FluxTransformerBlock`` adds to the image stream after its feed-forward, ungated (XLabs, as diffusers'
+``FluxIPAdapterAttnProcessor`` does). Single-stream blocks add it to the attention output (before their output
+projection) on the image rows or on every row (InstantX).
 """
 
 from __future__ import annotations
@@ -181,11 +187,16 @@ class DynaIPAttnProcessor:
     Args:
         ref_index: index of this block in ``ReferenceInputs.img_k`` (``None``: this block gets no injection).
         txt_index: index in ``ReferenceInputs.txt_k`` for double-stream blocks (``None`` for single blocks).
+        injection: ``"after_out"``, ``"before_out"`` or ``"after_block"`` (double-stream blocks; see the module).
+        single_rows: ``"image"`` or ``"all"``: the rows of a single-stream block that get the injection.
     """
 
-    def __init__(self, ref_index: int | None = None, txt_index: int | None = None):
+    def __init__(self, ref_index: int | None = None, txt_index: int | None = None, injection: str = "after_out",
+                 single_rows: str = "image"):
         self.ref_index = ref_index
         self.txt_index = txt_index
+        self.injection = injection
+        self.single_rows = single_rows
 
     def __call__(
         self,
@@ -225,18 +236,26 @@ class DynaIPAttnProcessor:
 
         txt_len = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :txt_len], out[:, txt_len:]
+        term = self._image_term(img_query, dynaip) if dynaip is not None and self.ref_index is not None else None
+        if term is not None and self.injection == "before_out":
+            img_out = img_out + term
         img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
         txt_out = attn.to_add_out(txt_out.contiguous())
-        if dynaip is not None and self.ref_index is not None:
-            img_out = img_out + self._image_term(img_query, dynaip)
+        if term is not None and self.injection == "after_out":
+            img_out = img_out + term
         if dynaip is not None and self.txt_index is not None and dynaip.text_branch:
             txt_out = txt_out + self._text_term(txt_query, dynaip)
+        if term is not None and self.injection == "after_block":  # FluxTransformerBlock adds it after its FF
+            return img_out, txt_out, term
         return img_out, txt_out
 
-    def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
-        """``s_img * Attn(q_img, K_img, V_img)``: ``[B, N_img, C]``."""
+    def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs, masks: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """``s_img * Attn(q_img, K_img, V_img)``: ``[B, N_img, C]`` (``masks``: ``[B, S, N_img]`` instead of
+        ``r.masks``)."""
         i = self.ref_index
-        term = reference_attention(img_query, r.kv.img_k[i], r.kv.img_v[i], r.scales, r.masks, r.mode)
+        masks = r.masks if masks is None else masks
+        term = reference_attention(img_query, r.kv.img_k[i], r.kv.img_v[i], r.scales, masks, r.mode)
         if r.block_scales is not None:
             term = term * r.block_scales[i]
         return term
@@ -248,7 +267,14 @@ class DynaIPAttnProcessor:
         return term * r.txt_block_scales[i]
 
     def _single_stream_term(self, query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
-        """Image-token injection in a single-stream block; zero on the text tokens. ``[B, L+N, C]``."""
+        """Injection in a single-stream block ``[B, L+N, C]``: image tokens only (zero on the text tokens), or every
+        row (``single_rows="all"``; masks cover image tokens, so text rows are gated by the scales alone)."""
+        if self.single_rows == "all":
+            masks = r.masks
+            if masks is not None:
+                txt_len = query.shape[2] - masks.shape[2]
+                masks = torch.cat([masks.new_ones(masks.shape[0], masks.shape[1], txt_len), masks], dim=2)
+            return self._image_term(query, r, masks)
         if r.image_tokens is None:
             raise ValueError("single-stream injection needs ReferenceInputs.image_tokens")
         txt_len = query.shape[2] - r.image_tokens

@@ -212,6 +212,14 @@ def max_subjects_of(manifest: Manifest) -> int:
     return limit
 
 
+def max_batch_of(manifest: Manifest) -> int:
+    """Largest batch the build's DiT profile accepts (``latents`` max batch; 1 when the manifest has no profile)."""
+    dit = manifest.models.get("dit")
+    if dit is None or "latents" not in dit.profile:
+        return 1
+    return int(dit.profile["latents"]["max"][0])
+
+
 def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu_name: str,
                            capability: tuple[int, int], directory: str | Path) -> None:
     """Compare a manifest's ``tensorrt`` section with the running system (see the module docstring).

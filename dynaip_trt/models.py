@@ -1,8 +1,8 @@
 """Building the model family (base MM-DiT, CLIP vision, text encoders, VAE, adapter) from a config.
 
 Every model is the real class (diffusers ``FluxTransformer2DModel``/``AutoencoderKL``, transformers
-``CLIPVisionModel``/``CLIPTextModel``/``T5EncoderModel``); :func:`build_models` gives them deterministic seeded
-weights (the tiny embedded default, and full-size random models for benchmarks). Loading real weights from local
+``CLIPVisionModel``/``CLIPTextModel``/``T5EncoderModel``; the image encoder is ``CLIPVisionModelWithProjection`` or
+``SiglipVisionModel`` for the IP-Adapter encoders); :func:`build_models` gives them deterministic seeded weights (the tiny embedded default, and full-size random models for benchmarks). Loading real weights from local
 folders is in :mod:`dynaip_trt.weights`.
 """
 
@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel
+from torch import nn
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel,
+                          CLIPVisionModelWithProjection, SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel)
 
 from .adapter import DynaIPAdapter, install_processors
 from .attention import ReferenceInputs
@@ -26,7 +28,7 @@ class DynaIPModels:
 
     config: DynaIPConfig
     transformer: FluxTransformer2DModel
-    vision: CLIPVisionModel
+    vision: nn.Module  # CLIPVisionModel, CLIPVisionModelWithProjection or SiglipVisionModel (AdapterConfig.encoder)
     clip_text: CLIPTextModel
     t5: T5EncoderModel
     vae: AutoencoderKL
@@ -52,8 +54,17 @@ def build_transformer(cfg: DynaIPConfig) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(**cfg.transformer.diffusers_kwargs())
 
 
-def build_vision(cfg: DynaIPConfig) -> CLIPVisionModel:
-    return CLIPVisionModel(CLIPVisionConfig(**cfg.vision.hf_kwargs(), attn_implementation="sdpa"))
+VISION_CLASSES = {"clip_levels": CLIPVisionModel, "clip_embeds": CLIPVisionModelWithProjection,
+                  "siglip_pooled": SiglipVisionModel}
+
+
+def build_vision(cfg: DynaIPConfig) -> nn.Module:
+    """The image encoder of ``cfg.adapter.encoder`` (random weights)."""
+    encoder = cfg.adapter.encoder
+    if encoder == "siglip_pooled":
+        return SiglipVisionModel(SiglipVisionConfig(**cfg.vision.hf_kwargs(), attn_implementation="sdpa"))
+    return VISION_CLASSES[encoder](CLIPVisionConfig(**cfg.vision.hf_kwargs(), projection_dim=cfg.vision.projection_dim,
+                                                    attn_implementation="sdpa"))
 
 
 def build_text_encoders(cfg: DynaIPConfig) -> tuple[CLIPTextModel, T5EncoderModel]:
@@ -105,7 +116,7 @@ def build_vae(cfg: DynaIPConfig) -> AutoencoderKL:
 
 
 def build_adapter(cfg: DynaIPConfig) -> DynaIPAdapter:
-    return DynaIPAdapter(cfg.adapter, cfg.transformer, cfg.vision.hidden_size)
+    return DynaIPAdapter(cfg.adapter, cfg.transformer, cfg.encoder_width)
 
 
 def finalize(models: DynaIPModels) -> DynaIPModels:
@@ -136,10 +147,20 @@ def build_models(cfg: DynaIPConfig, seed: int = 0, random_adapter_kv: bool = Tru
                                  byte_tokenizer(cfg.text.clip_max_length), byte_tokenizer(cfg.text.max_text_length)))
 
 
-def clip_levels(vision: CLIPVisionModel, pixel_values: torch.Tensor, tap_layers: tuple[int, ...]) -> torch.Tensor:
-    """CLIP hidden states at the tapped layers: pixels ``[M, 3, S, S]`` -> ``[M, L, P, clip_dim]``."""
-    out = vision(pixel_values=pixel_values, output_hidden_states=True)
-    return torch.stack([out.hidden_states[i] for i in tap_layers], dim=1)
+def clip_levels(vision: nn.Module, pixel_values: torch.Tensor, tap_layers: tuple[int, ...],
+                encoder: str = "clip_levels") -> torch.Tensor:
+    """The image encoder's output as levels: pixels ``[M, 3, S, S]`` -> ``[M, L, P, C]``.
+
+    ``encoder`` (:class:`~dynaip_trt.configs.AdapterConfig`): ``"clip_levels"``: CLIP hidden states at the tapped
+    layers; ``"clip_embeds"``: CLIP's projected ``image_embeds`` (``[M, 1, 1, projection_dim]``);
+    ``"siglip_pooled"``: SigLIP's pooled output (``[M, 1, 1, hidden]``).
+    """
+    if encoder == "clip_levels":
+        out = vision(pixel_values=pixel_values, output_hidden_states=True)
+        return torch.stack([out.hidden_states[i] for i in tap_layers], dim=1)
+    out = vision(pixel_values=pixel_values)
+    pooled = out.image_embeds if encoder == "clip_embeds" else out.pooler_output
+    return pooled[:, None, None, :]
 
 
 def encode_text(clip_text: CLIPTextModel, t5: T5EncoderModel, clip_ids: torch.Tensor, t5_ids: torch.Tensor

@@ -21,10 +21,10 @@ from .configs import DEFAULT_CONFIG, get_config
 from .errors import InputError
 from .images import ImageLike, latents_to_pil, preprocess_clip
 from .models import DynaIPModels, build_models, clip_levels, decode_latents, dit_forward, encode_text
-from .request import GenerationRequest, ValidRequest, check_batch, normalize_granularity, normalize_references, \
-    prompt_fields, validate_request
+from .request import GenerationRequest, ValidRequest, check_batch, negative_rows, normalize_granularity, \
+    normalize_references, prompt_fields, validate_request
 from .sampling import euler_step, flux_sigmas, image_token_count, initial_noise, latent_image_ids, text_ids, \
-    unpack_latents
+    true_cfg_velocity, unpack_latents
 from .stage_modules import DiTStep
 from .text import normalize_prompts
 
@@ -72,7 +72,10 @@ class DynaIPPipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts: str | Sequence[str], truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (T5 sequence ``[B, Ltxt, D]``, CLIP pooled ``[B, Dp]``) float32."""
-        prompts = normalize_prompts(prompts, self.tokenizers, truncate)
+        return self._encode_texts(normalize_prompts(prompts, self.tokenizers, truncate))
+
+    def _encode_texts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated prompts (an empty negative prompt included) -> T5 sequence and CLIP pooled, float32."""
         clip_ids = torch.from_numpy(self.models.clip_tokenizer.encode_batch(prompts)).to(self.device)
         t5_ids = torch.from_numpy(self.models.t5_tokenizer.encode_batch(prompts)).to(self.device)
         seq, pooled = encode_text(self.models.clip_text, self.models.t5, clip_ids, t5_ids)
@@ -93,7 +96,8 @@ class DynaIPPipeline:
         parts = []
         for s, views in enumerate(subjects):
             pixels = self._tensor(preprocess_clip(views, cfg.vision))
-            levels = clip_levels(self.models.vision, pixels, cfg.adapter.tap_layers).unsqueeze(1)  # [V, 1, L, P, C]
+            levels = clip_levels(self.models.vision, pixels, cfg.adapter.tap_layers, cfg.adapter.encoder
+                                 ).unsqueeze(1)  # [V, 1, L, P, C]
             lw = None if level_weights is None else self._tensor(level_weights[s]).expand(len(views), 1, -1)
             tokens = a.reference_tokens(levels, lw)  # [V, 1, T, inner]
             kv = [*a.image_kv(tokens), *(a.text_kv(tokens) if text_branch else (None, None))]
@@ -113,7 +117,8 @@ class DynaIPPipeline:
     def __call__(self, prompt: str | Sequence[str], references, scales=1.0, granularity=None, masks=None,
                  block_scales=None, steps: int | None = None, guidance: float | None = None, height: int | None = None,
                  width: int | None = None, seed: int | None = None, truncate_prompt: bool = True, text_branch=None,
-                 output_type: str = "pil", progress: bool = True) -> list[Image.Image] | torch.Tensor:
+                 negative_prompt: str | None = None, true_cfg_scale: float = 1.0, output_type: str = "pil",
+                 progress: bool = True) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (row ``i`` of a prompt list uses ``seed + i``); the arguments are those of
         :class:`~dynaip_trt.request.GenerationRequest`. Returns PIL images, or the final packed latents
         ``[B, N, 64]`` with ``output_type="latent"``."""
@@ -125,7 +130,8 @@ class DynaIPPipeline:
         rows = [validate_request(GenerationRequest(
             p, references, scales=scales, granularity=granularity, masks=masks, block_scales=block_scales,
             steps=steps, guidance=guidance, height=height, width=width, seed=base + i if type(base) is int else base,
-            truncate_prompt=truncate_prompt, text_branch=text_branch), self.config, self.tokenizers,
+            truncate_prompt=truncate_prompt, text_branch=text_branch, negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale), self.config, self.tokenizers,
             self.config.max_subjects, self.num_blocks, field) for i, (p, field) in enumerate(zip(prompts, fields))]
         check_batch(rows)
         latents = self.denoise(rows, progress)
@@ -135,41 +141,57 @@ class DynaIPPipeline:
 
     @torch.no_grad()
     def denoise(self, rows: Sequence[ValidRequest], progress: bool = True) -> torch.Tensor:
-        """The flow-matching loop over a batch of validated requests -> final packed latents ``[B, N, 64]`` float32."""
+        """The flow-matching loop over a batch of validated requests -> final packed latents ``[B, N, 64]`` float32.
+
+        With true CFG every step runs the DiT on ``2B`` rows (the rows, then their negative rows, see
+        :func:`~dynaip_trt.request.negative_rows`) and steps the ``B`` latents with the guided velocity."""
         r0, cfg = rows[0], self.config
         vf = cfg.vae.spatial_factor
-        text, pooled = self.encode_prompt([r.prompt for r in rows])
+        dit_rows = [*rows, *negative_rows(rows)] if r0.uses_true_cfg else list(rows)
+        cond, kv = self._condition(dit_rows)
+        noise = np.concatenate([initial_noise(r0.height, r0.width, vf, cfg.vae.latent_channels, r.seed) for r in rows])
+        sigmas = flux_sigmas(r0.steps, cond.image_tokens)
+        b, b_dit = len(rows), len(dit_rows)
+        true_cfg = self._f32([r.true_cfg_scale for r in rows])[:, None, None] if r0.uses_true_cfg else None
+        txt_blocks = self._f32(r0.text_branch.block_array(len(self.models.adapter.txt_kv))) if r0.uses_text_branch \
+            else None
+        x = self._f32(noise)
+        logger.debug("generating %d image(s) %dx%d, %d subject(s), %d steps%s", b, r0.height, r0.width,
+                     r0.num_subjects, r0.steps, ", true CFG" if true_cfg is not None else "")
+        for i in progress_bar(range(r0.steps), "denoise", progress):
+            t, t_next = self._f32(np.full(b_dit, sigmas[i])), self._f32(np.full(b_dit, sigmas[i + 1]))
+            if r0.uses_text_branch and r0.text_branch.active(i):
+                x = self._text_branch_step(x, t, t_next, cond, kv, txt_blocks)
+                continue
+            feeds = dit_feeds(x if true_cfg is None else torch.cat([x, x]), t, t_next, cond)
+            if self.on_step is not None:
+                self.on_step(i, feeds)
+            velocity, latents_next = self.dit(**feeds)
+            x = latents_next if true_cfg is None else euler_step(x, true_cfg_velocity(velocity, true_cfg),
+                                                                 t[:b, None, None], t_next[:b, None, None])
+        return x
+
+    def _f32(self, a) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
+
+    def _condition(self, rows: Sequence[ValidRequest]) -> tuple[DiTCondition, ReferenceKV]:
+        """The DiT inputs of a batch of rows (float32 tensors) and their reference K/V (text branch included when
+        the rows use it)."""
+        r0, vf = rows[0], self.config.vae.spatial_factor
+        text, pooled = self._encode_texts([r.prompt for r in rows])
         kvs = [r.encoded if r.encoded is not None else self._encode_subjects(r.subjects, r.level_weights,
                                                                              r.uses_text_branch) for r in rows]
         kv = ReferenceKV(*(None if getattr(kvs[0], f) is None else torch.cat(
             [getattr(k, f).to(self.device, torch.float32) for k in kvs], dim=1)
             for f in ("img_k", "img_v", "txt_k", "txt_v")))  # [blocks, B, S, T, C]
         n = image_token_count(r0.height, r0.width, vf)
-        noise = np.concatenate([initial_noise(r0.height, r0.width, vf, cfg.vae.latent_channels, r.seed) for r in rows])
-        sigmas = flux_sigmas(r0.steps, n)
-        f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)  # noqa: E731
-        b = len(rows)
+        masks = np.stack([r.masks for r in rows]) if r0.masks is not None else np.ones((len(rows), r0.num_subjects, n))
         cond = DiTCondition(
-            text_embeds=text, pooled=pooled, guidance=f32([r.guidance for r in rows]),
-            img_ids=f32(latent_image_ids(r0.height, r0.width, vf)), txt_ids=f32(text_ids(text.shape[1])),
-            kv=kv.image_only(), scales=f32(np.stack([r.scales for r in rows])),
-            masks=f32(np.stack([r.masks for r in rows]) if r0.masks is not None else np.ones((b, r0.num_subjects, n))),
-            block_scales=f32(r0.block_scales))  # rows of a batch share block_scales (batch_key)
-        txt_blocks = f32(r0.text_branch.block_array(len(self.models.adapter.txt_kv))) if r0.uses_text_branch \
-            else None
-        x = f32(noise)
-        logger.debug("generating %d image(s) %dx%d, %d subject(s), %d steps", b, r0.height, r0.width,
-                    r0.num_subjects, r0.steps)
-        for i in progress_bar(range(r0.steps), "denoise", progress):
-            t, t_next = f32(np.full(b, sigmas[i])), f32(np.full(b, sigmas[i + 1]))
-            if r0.uses_text_branch and r0.text_branch.active(i):
-                x = self._text_branch_step(x, t, t_next, cond, kv, txt_blocks)
-                continue
-            feeds = dit_feeds(x, t, t_next, cond)
-            if self.on_step is not None:
-                self.on_step(i, feeds)
-            _, x = self.dit(**feeds)
-        return x
+            text_embeds=text, pooled=pooled, guidance=self._f32([r.guidance for r in rows]),
+            img_ids=self._f32(latent_image_ids(r0.height, r0.width, vf)), txt_ids=self._f32(text_ids(text.shape[1])),
+            kv=kv.image_only(), scales=self._f32(np.stack([r.scales for r in rows])), masks=self._f32(masks),
+            block_scales=self._f32(r0.block_scales))  # rows of a batch share block_scales (batch_key)
+        return cond, kv
 
     def _text_branch_step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: DiTCondition,
                           kv: ReferenceKV, txt_blocks: torch.Tensor) -> torch.Tensor:

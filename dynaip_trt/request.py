@@ -9,7 +9,7 @@ field and the allowed range (the README's error table lists them). Requests batc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +24,10 @@ from .text import Tokenizer, validate_prompt
 MAX_SIDE = 4096
 MAX_SCALE = 10.0
 MAX_SEED = 2**63 - 1
+MAX_TRUE_CFG = 100.0
+# The reference of a true-CFG negative row: a black image, as diffusers' FluxPipeline and x-flux use when no negative
+# image is given (any size: preprocessing makes every black image the same pixels)
+NEGATIVE_IMAGE = Image.new("RGB", (64, 64))
 
 
 @dataclass
@@ -43,6 +47,11 @@ class GenerationRequest:
         steps, guidance, height, width, seed: sampling settings (``None``: the config's defaults).
         truncate_prompt: drop the tokens of a prompt beyond the text length with a warning (``False``: refuse).
         text_branch: DDS schedule keeping the text-branch injection for the first steps (torch backend only).
+        negative_prompt: the prompt of true classifier-free guidance's negative pass (``""`` for an empty one).
+        true_cfg_scale: true CFG scale in [1, 100] (diffusers' ``true_cfg_scale``): above 1, with a
+            ``negative_prompt``, every step also runs the DiT on the negative prompt with a black image as every
+            subject's reference (same scales and masks) and uses ``v_neg + true_cfg_scale * (v - v_neg)``; 1 turns it
+            off.
     """
 
     prompt: str
@@ -58,6 +67,8 @@ class GenerationRequest:
     seed: int | None = None
     truncate_prompt: bool = True
     text_branch: "TextBranchSchedule | None" = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class ValidRequest:
         encoded: reference K/V encoded earlier (``[blocks, 1, S, T, inner]``), or ``None``.
         level_weights: ``[S, L]`` summing to 1 per subject, or ``None`` (the router decides).
         scales: ``[S]``; masks: ``[S, N]`` or ``None``; block_scales: ``[blocks]``.
+        negative_prompt, true_cfg_scale: true CFG (:attr:`uses_true_cfg`).
     """
 
     prompt: str
@@ -84,6 +96,8 @@ class ValidRequest:
     width: int
     seed: int
     text_branch: "TextBranchSchedule | None"
+    negative_prompt: str | None = None
+    true_cfg_scale: float = 1.0
 
     @property
     def num_subjects(self) -> int:
@@ -92,6 +106,18 @@ class ValidRequest:
     @property
     def uses_text_branch(self) -> bool:
         return self.text_branch is not None and self.text_branch.steps > 0
+
+    @property
+    def uses_true_cfg(self) -> bool:
+        """True CFG is on: a negative prompt and a scale above 1 (diffusers' rule)."""
+        return self.negative_prompt is not None and self.true_cfg_scale > 1.0
+
+
+def negative_rows(rows: Sequence[ValidRequest]) -> list[ValidRequest]:
+    """The true-CFG negative row of each row: its negative prompt, a black image as every subject's reference
+    (the router decides its level weights), the row's scales, masks, guidance and sizes."""
+    return [replace(r, prompt=r.negative_prompt, subjects=[[NEGATIVE_IMAGE]] * r.num_subjects, encoded=None,
+                    level_weights=None, negative_prompt=None, true_cfg_scale=1.0) for r in rows]
 
 
 def validate_request(request: GenerationRequest, config: DynaIPConfig, tokenizers: Sequence[Tokenizer],
@@ -108,6 +134,12 @@ def validate_request(request: GenerationRequest, config: DynaIPConfig, tokenizer
     text_branch = request.text_branch
     if text_branch is not None and not isinstance(text_branch, TextBranchSchedule):
         raise InputError(f"text_branch must be a TextBranchSchedule or None, got {type(text_branch).__name__}")
+    if text_branch is not None and text_branch.steps > 0 and not config.adapter.text_branch:
+        raise InputError("text_branch: this adapter has no text branch (an IP-Adapter layout); leave it out")
+    negative, true_cfg = check_true_cfg(request.negative_prompt, request.true_cfg_scale, tokenizers,
+                                        bool(request.truncate_prompt))
+    if negative is not None and true_cfg > 1.0 and text_branch is not None and text_branch.steps > 0:
+        raise InputError("true CFG (true_cfg_scale > 1) and text_branch schedules cannot be combined")
     if isinstance(request.references, ReferenceKV):  # encoded once by encode_references(), reused
         if request.granularity is not None:
             raise InputError("granularity applies when references are encoded: pass it to encode_references()")
@@ -124,7 +156,24 @@ def validate_request(request: GenerationRequest, config: DynaIPConfig, tokenizer
         scales=normalize_scales(request.scales, num_subjects),
         masks=normalize_masks(request.masks, num_subjects, height, width, config.vae.spatial_factor),
         block_scales=normalize_block_scales(request.block_scales, num_blocks),
-        steps=steps, guidance=guidance, height=height, width=width, seed=seed, text_branch=text_branch)
+        steps=steps, guidance=guidance, height=height, width=width, seed=seed, text_branch=text_branch,
+        negative_prompt=negative, true_cfg_scale=true_cfg)
+
+
+def check_true_cfg(negative_prompt: str | None, true_cfg_scale: float, tokenizers: Sequence[Tokenizer],
+                   truncate: bool = True) -> tuple[str | None, float]:
+    """``true_cfg_scale``: a finite number in [1, 100]; above 1 it needs a ``negative_prompt`` (a str, ``""``
+    allowed, checked like a prompt). Returns both, the scale as a float."""
+    if (isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, (int, float))
+            or not math.isfinite(true_cfg_scale) or not 1.0 <= true_cfg_scale <= MAX_TRUE_CFG):
+        raise InputError(f"true_cfg_scale={true_cfg_scale!r} must be a finite number in [1, {MAX_TRUE_CFG:g}] "
+                         f"(1: no true CFG)")
+    if negative_prompt is None:
+        if true_cfg_scale > 1.0:
+            raise InputError(f"true_cfg_scale={true_cfg_scale:g} needs a negative_prompt (\"\" for an empty one)")
+        return None, float(true_cfg_scale)
+    negative = validate_prompt(negative_prompt, tokenizers, truncate, field="negative_prompt", allow_empty=True)
+    return negative, float(true_cfg_scale)
 
 
 def prompt_fields(prompt) -> list[str]:
@@ -139,9 +188,11 @@ def prompt_fields(prompt) -> list[str]:
 
 def batch_key(request: ValidRequest) -> tuple:
     """Requests generated in one batch must agree on this: steps, size, subject count, masks or not, per-block
-    scales and DDS schedule (each row keeps its own prompt, references, scales, masks, guidance and seed)."""
+    scales, DDS schedule and true CFG or not (each row keeps its own prompt, references, scales, masks, guidance,
+    seed, negative prompt and true-CFG scale)."""
     return (request.steps, request.height, request.width, request.num_subjects, request.masks is not None,
-            tuple(request.block_scales.tolist()), request.text_branch if request.uses_text_branch else None)
+            tuple(request.block_scales.tolist()), request.text_branch if request.uses_text_branch else None,
+            request.uses_true_cfg)
 
 
 def check_batch(requests: Sequence[ValidRequest]) -> None:
@@ -152,7 +203,7 @@ def check_batch(requests: Sequence[ValidRequest]) -> None:
     for i, r in enumerate(requests[1:], start=1):
         if batch_key(r) != first:
             raise InputError(f"requests[{i}] cannot share a batch with requests[0]: steps, height, width, subject "
-                             f"count, masks and text_branch must match ({batch_key(r)} vs {first})")
+                             f"count, masks, text_branch and true CFG must match ({batch_key(r)} vs {first})")
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,11 @@ def euler_step(latents, velocity, sigma, sigma_next):
     """One flow-matching Euler step ``x_next = x + (sigma_next - sigma) * v`` (numpy arrays or torch tensors;
     ``sigma`` may be per row ``[B, 1, 1]``). The exported DiT graph computes exactly this after its velocity."""
     return latents + (sigma_next - sigma) * velocity
+
+
+def true_cfg_velocity(velocity, scales):
+    """diffusers' true classifier-free guidance: ``velocity`` ``[2B, N, C]`` (the B rows, then their B negative rows)
+    and ``scales`` ``[B, 1, 1]`` -> ``v_neg + scales * (v - v_neg)`` ``[B, N, C]`` (numpy arrays or torch tensors)."""
+    b = velocity.shape[0] // 2
+    positive, negative = velocity[:b], velocity[b:]
+    return negative + scales * (positive - negative)

@@ -39,15 +39,18 @@ class FlatModule(nn.Module):
 
 
 class ClipLevels(FlatModule):
-    """pixel_values ``[M, 3, S, S]`` -> levels ``[M, L, P, C]`` (tapped CLIP hidden states)."""
+    """pixel_values ``[M, 3, S, S]`` -> levels ``[M, L, P, C]``: tapped CLIP hidden states, or the pooled embedding
+    of the IP-Adapter encoders as ``[M, 1, 1, C]`` (``encoder``, see :func:`~dynaip_trt.models.clip_levels`)."""
 
-    def __init__(self, vision: nn.Module, tap_layers: tuple[int, ...], dtype: torch.dtype | None = None):
+    def __init__(self, vision: nn.Module, tap_layers: tuple[int, ...], dtype: torch.dtype | None = None,
+                 encoder: str = "clip_levels"):
         super().__init__(dtype)
         self.vision = self.own(vision)
         self.tap_layers = tuple(tap_layers)
+        self.encoder = encoder
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return clip_levels(self.vision, self.cast(pixel_values), self.tap_layers).float()
+        return clip_levels(self.vision, self.cast(pixel_values), self.tap_layers, self.encoder).float()
 
 
 class FusionKV(FlatModule):
@@ -67,7 +70,7 @@ class FusionKV(FlatModule):
         levels, level_weights, level_override = self.cast(levels), self.cast(level_weights), self.cast(level_override)
         b, s = levels.shape[0], levels.shape[1]
         flat = levels.flatten(0, 1)  # [B*S, L, P, C]
-        routed = self.adapter.fusion.router(flat)  # [B*S, L]
+        routed = self.adapter.fusion.route(flat)  # [B*S, L]
         o = level_override.flatten(0, 1).unsqueeze(-1)  # [B*S, 1]
         weights = o * level_weights.flatten(0, 1) + (1.0 - o) * routed
         tokens, _ = self.adapter.fusion(flat, weights)

@@ -112,12 +112,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def validate_prompt(prompt: str, tokenizers: Sequence[Tokenizer], truncate: bool = True,
-                    field: str = "prompt") -> str:
-    """Check a prompt: a non-empty string of valid Unicode. Tokens beyond a tokenizer's text length are dropped with
-    a warning naming them (``truncate=True``, as diffusers does) or refused with :class:`InputError`."""
+                    field: str = "prompt", allow_empty: bool = False) -> str:
+    """Check a prompt: a non-empty (unless ``allow_empty``, e.g. a negative prompt) string of valid Unicode. Tokens
+    beyond a tokenizer's text length are dropped with a warning naming them (``truncate=True``, as diffusers does)
+    or refused with :class:`InputError`."""
     if not isinstance(prompt, str):
         raise InputError(f"{field} must be a str, got {type(prompt).__name__}")
-    if not prompt.strip():
+    if not allow_empty and not prompt.strip():
         raise InputError(f"{field} is empty; give at least one non-space character")
     try:
         prompt.encode("utf-8")

@@ -14,36 +14,52 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import DynaIPAdapter
-from .configs import (DEFAULT_CONFIG, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig, VaeConfig,
-                      VisionConfig, get_config)
+from .configs import (ADAPTER_FORMAT, DEFAULT_CONFIG, SIGLIP_NORM, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig,
+                      VaeConfig, VisionConfig, get_config)
 from .errors import ConfigError, WeightsError
 from .files import atomic_path
-from .models import DynaIPModels, build_adapter, build_models, finalize
 from .cli import WEIGHTS_CONFIG_FILE, family_name
+from .models import VISION_CLASSES, DynaIPModels, build_adapter, build_models, finalize
 from .text import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FORMAT = "dynaip-adapter"
 ADAPTER_VERSION = "1"
 BASE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# config.json model types an image-encoder folder may have, per AdapterConfig.encoder (a full CLIP or SigLIP model
+# folder holds the vision tower too)
+ENCODER_MODEL_TYPES = {"clip_levels": ("clip", "clip_vision_model"), "clip_embeds": ("clip", "clip_vision_model"),
+                       "siglip_pooled": ("siglip", "siglip_vision_model")}
+
+
+def adapter_metadata(cfg: AdapterConfig, clip_dim: int, inner_dim: int, num_double: int, **extra: str
+                     ) -> dict[str, str]:
+    """The safetensors header of an adapter file: its config and the widths it was made for (``extra``: more
+    string fields, e.g. the format a converted checkpoint came from)."""
+    return {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "adapter_config": json.dumps(dataclasses.asdict(cfg)),
+            "clip_dim": str(clip_dim), "inner_dim": str(inner_dim), "num_double": str(num_double), **extra}
+
+
+def write_adapter_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write adapter tensors (names as :class:`DynaIPAdapter`'s state dict) with ``metadata`` atomically."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def save_adapter(adapter: DynaIPAdapter, path: str | Path) -> Path:
     """Save the adapter's weights and config (in the safetensors header) atomically."""
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "version": ADAPTER_VERSION,
-        "adapter_config": json.dumps(dataclasses.asdict(adapter.cfg)),
-        "clip_dim": str(adapter.clip_dim),
-        "inner_dim": str(adapter.inner_dim),
-        "num_double": str(adapter.num_double),
-    }
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return write_adapter_file(tensors, path, adapter_metadata(adapter.cfg, adapter.clip_dim, adapter.inner_dim,
+                                                              adapter.num_double))
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether every value of ``t`` is finite, checked ``chunk`` values at a time (a 2.4 GB tensor never needs a
+    2.4 G-element mask)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def read_adapter_header(path: str | Path) -> dict[str, str]:
@@ -100,7 +116,7 @@ def load_adapter(path: str | Path, adapter: DynaIPAdapter) -> DynaIPAdapter:
                 if t.shape != expected[k].shape:
                     raise WeightsError(f"{path}: tensor {k} has shape {tuple(t.shape)}; the model expects "
                                        f"{tuple(expected[k].shape)}")
-                if not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise WeightsError(f"{path}: tensor {k} contains NaN or Inf")
                 loaded[k] = t.to(expected[k].dtype)
     except (SafetensorError, OSError, ValueError) as e:
@@ -127,6 +143,17 @@ def save_models(models: DynaIPModels, base_dir: str | Path, clip_dir: str | Path
         save_adapter(models.adapter, adapter_path)
 
 
+def _vision_config(vision, encoder: str) -> VisionConfig:
+    """The :class:`VisionConfig` of a loaded image encoder (preprocessing: CLIP's, or SigLIP's for SigLIP)."""
+    vc = vision.config
+    preprocessing = dict(image_mean=SIGLIP_NORM, image_std=SIGLIP_NORM, crop=False) if encoder == "siglip_pooled" \
+        else {}
+    return VisionConfig(hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
+                        num_hidden_layers=vc.num_hidden_layers, num_attention_heads=vc.num_attention_heads,
+                        image_size=vc.image_size, patch_size=vc.patch_size,
+                        projection_dim=getattr(vc, "projection_dim", VisionConfig.projection_dim), **preprocessing)
+
+
 def _derive_config(base_dir: Path, transformer, vision, clip_text, t5, vae, adapter_cfg: AdapterConfig
                    ) -> DynaIPConfig:
     """A :class:`DynaIPConfig` describing loaded models (sampling defaults from ``dynaip_config.json`` if any)."""
@@ -134,7 +161,6 @@ def _derive_config(base_dir: Path, transformer, vision, clip_text, t5, vae, adap
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     saved["name"] = family_name("", base_dir)
     tc = transformer.config
-    vc = vision.config
     text_saved = saved.get("text", {})
     cfg = dict(
         name=saved["name"],
@@ -143,9 +169,7 @@ def _derive_config(base_dir: Path, transformer, vision, clip_text, t5, vae, adap
             attention_head_dim=tc.attention_head_dim, num_attention_heads=tc.num_attention_heads,
             joint_attention_dim=tc.joint_attention_dim, pooled_projection_dim=tc.pooled_projection_dim,
             guidance_embeds=tc.guidance_embeds, axes_dims_rope=tuple(tc.axes_dims_rope)),
-        vision=VisionConfig(hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
-                            num_hidden_layers=vc.num_hidden_layers, num_attention_heads=vc.num_attention_heads,
-                            image_size=vc.image_size, patch_size=vc.patch_size),
+        vision=_vision_config(vision, adapter_cfg.encoder),
         text=TextConfig(
             clip_vocab_size=clip_text.config.vocab_size, clip_hidden_size=clip_text.config.hidden_size,
             clip_intermediate_size=clip_text.config.intermediate_size,
@@ -197,13 +221,14 @@ def _from_pretrained(cls, folder: Path, what: str):
 
 def load_models(base_dir: str | Path, clip_dir: str | Path, adapter_path: str | Path | None = None,
                 adapter_config: AdapterConfig | None = None) -> DynaIPModels:
-    """Load a local diffusers-format FLUX folder, a local CLIP vision folder and (optionally) an adapter file.
+    """Load a local diffusers-format FLUX folder, a local image-encoder folder and (optionally) an adapter file.
 
-    Without ``adapter_path`` a fresh zero-initialised adapter (``adapter_config`` or defaults) is attached, which
-    leaves the base model's output unchanged.
+    The adapter's config (from its header) says which image encoder the folder must hold: a CLIP vision model (with
+    its visual projection for ``clip_embeds``) or a SigLIP one. Without ``adapter_path`` a fresh zero-initialised
+    adapter (``adapter_config`` or defaults) is attached, which leaves the base model's output unchanged.
     """
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPVisionModel, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     base_dir, clip_dir = Path(base_dir), Path(clip_dir)
     if not base_dir.is_dir():
@@ -216,9 +241,10 @@ def load_models(base_dir: str | Path, clip_dir: str | Path, adapter_path: str | 
     vae = _from_pretrained(AutoencoderKL, base_dir / "vae", "vae")
     clip_text = _from_pretrained(CLIPTextModel, base_dir / "text_encoder", "text_encoder")
     t5 = _from_pretrained(T5EncoderModel, base_dir / "text_encoder_2", "text_encoder_2")
-    vision = _from_pretrained(CLIPVisionModel, clip_dir, "CLIP vision encoder")
     acfg = read_adapter_config(adapter_path) if adapter_path is not None else (adapter_config or AdapterConfig())
-    if max(abs(i) for i in acfg.tap_layers) > vision.config.num_hidden_layers:
+    check_encoder_folder(clip_dir, acfg.encoder)
+    vision = _from_pretrained(VISION_CLASSES[acfg.encoder], clip_dir, "image encoder")
+    if max((abs(i) for i in acfg.tap_layers), default=0) > vision.config.num_hidden_layers:
         raise WeightsError(f"adapter taps CLIP layers {acfg.tap_layers} but the encoder in {clip_dir} has "
                            f"{vision.config.num_hidden_layers} layers")
     cfg = _derive_config(base_dir, transformer, vision, clip_text, t5, vae, acfg)
@@ -228,8 +254,24 @@ def load_models(base_dir: str | Path, clip_dir: str | Path, adapter_path: str | 
     models = DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter,
                           load_tokenizer(base_dir / "tokenizer", cfg.text.clip_max_length),
                           load_tokenizer(base_dir / "tokenizer_2", cfg.text.max_text_length))
-    logger.info("loaded %s from %s (+ CLIP %s, adapter %s)", cfg.name, base_dir, clip_dir, adapter_path)
+    logger.info("loaded %s from %s (+ image encoder %s, adapter %s)", cfg.name, base_dir, clip_dir, adapter_path)
     return finalize(models)
+
+
+def check_encoder_folder(folder: Path, encoder: str) -> None:
+    """The image-encoder folder must hold the kind of model the adapter was trained with (a SigLIP folder loaded as
+    CLIP would silently get random weights): :class:`WeightsError` naming both otherwise."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return  # _from_pretrained names the missing folder or file
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, OSError, AttributeError) as e:
+        raise WeightsError(f"image encoder: {config} is not a valid config file: {e}") from e
+    allowed = ENCODER_MODEL_TYPES[encoder]
+    if model_type not in allowed:
+        raise WeightsError(f"image encoder: {folder} holds a {model_type!r} model, but the adapter's encoder "
+                           f"{encoder!r} needs a {' or '.join(repr(a) for a in allowed)} model")
 
 
 def load_family(config: str | DynaIPConfig = DEFAULT_CONFIG, base: str | Path | None = None,

@@ -96,7 +96,7 @@ class ClipSpec(ModelSpec):
     def module(self, dtype: torch.dtype | None = None) -> nn.Module:
         from dynaip_trt.stage_modules import ClipLevels
 
-        return ClipLevels(self.models.vision, self.cfg.adapter.tap_layers, dtype)
+        return ClipLevels(self.models.vision, self.cfg.adapter.tap_layers, dtype, self.cfg.adapter.encoder)
 
     def dynamic_axes(self):
         return {"pixel_values": {0: "images"}}
@@ -126,9 +126,9 @@ class FusionSpec(ModelSpec):
                 "level_override": {0: "batch", 1: "subjects"}}
 
     def shapes(self, batch, subjects, height, width):
-        v, a = self.cfg.vision, self.cfg.adapter
-        return {"levels": (batch, subjects, a.num_levels, v.num_tokens, v.hidden_size),
-                "level_weights": (batch, subjects, a.num_levels), "level_override": (batch, subjects)}
+        levels, tokens, width = self.cfg.level_shape
+        return {"levels": (batch, subjects, levels, tokens, width),
+                "level_weights": (batch, subjects, levels), "level_override": (batch, subjects)}
 
     def fix_inputs(self, inputs, height, width):
         import torch

@@ -31,7 +31,7 @@ from dynaip_trt.cli import check_writable_file, cli_main, configure_logging, ima
     write_json_report, written_image, written_json_report
 from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig, get_config
 from dynaip_trt.errors import ConfigError, DynaIPError
-from dynaip_trt.request import GenerationRequest
+from dynaip_trt.request import MAX_TRUE_CFG, GenerationRequest
 from dynaip_trt.sampling import image_token_count
 
 from .engine import DynaIPEngine
@@ -40,7 +40,7 @@ logger = logging.getLogger("runtime.benchmark")
 
 BACKENDS = ("torch-eager", "torch-graphs", "torch-fp8", "onnxruntime", "tensorrt")  # torch-fp8: graphs on a GPU
 BASELINE = "torch-eager"
-TINY_CONFIGS = ("tiny-random",)
+TINY_CONFIGS = ("tiny-random", "tiny-xlabs", "tiny-instantx")
 
 
 @dataclass
@@ -67,7 +67,8 @@ def dit_step_flops(cfg: DynaIPConfig, batch: int, height: int, width: int, subje
 
     Double block: 8 D^2 per token for Q/K/V/out + 16 D^2 (4x MLP) on both streams, joint attention 4 (L+N)^2 D;
     single block: 24 D^2 per token (fused QKV+MLP in 14, 5D->D out 10) + attention. Adapter (image branch, K/V
-    precomputed once per request): 4 N (S*T) D per injected block.
+    precomputed once per request): 4 R (S*T) D per injected block, R its injected rows (the image tokens; every row
+    of a single-stream block with ``single_rows="all"``).
     """
     t, a = cfg.transformer, cfg.adapter
     d, length = t.inner_dim, cfg.text.max_text_length
@@ -77,8 +78,8 @@ def dit_step_flops(cfg: DynaIPConfig, batch: int, height: int, width: int, subje
     double = 24.0 * tokens * d * d + attn
     single = 24.0 * tokens * d * d + attn
     embed = 2.0 * n * t.in_channels * d + 2.0 * length * t.joint_attention_dim * d + 2.0 * n * d * t.in_channels
-    injected = t.num_layers + (t.num_single_layers if a.inject_single else 0)
-    adapter = injected * 4.0 * n * subjects * a.num_tokens * d
+    single_rows = (tokens if a.single_rows == "all" else n) if a.inject_single else 0
+    adapter = (t.num_layers * n + t.num_single_layers * single_rows) * 4.0 * subjects * a.num_tokens * d
     total = t.num_layers * double + t.num_single_layers * single + embed + adapter
     return batch * total, batch * adapter
 
@@ -155,7 +156,9 @@ def bench_backend(engine: DynaIPEngine, backend: str, args: argparse.Namespace, 
     h = w = args.resolution
     refs = synthetic_references(subjects)
     prompt = "subjects at the beach"
-    request = GenerationRequest(prompt, refs, steps=args.steps, height=h, width=w, guidance=args.guidance)
+    request = GenerationRequest(prompt, refs, steps=args.steps, height=h, width=w, guidance=args.guidance,
+                                negative_prompt="" if args.true_cfg_scale > 1 else None,
+                                true_cfg_scale=args.true_cfg_scale)
     rows = [engine.sampler.validate(request) for _ in range(args.batch)]
 
     def encode():
@@ -225,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="S",
+                   help="requests with true CFG (empty negative prompt): the DiT runs 2 rows per image (default 1: off)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="torch backends on a GPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -260,10 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise ConfigError(f"--backends: unknown {unknown}; choose from {list(BACKENDS)}")
     subjects = [int(s) for s in args.subjects.split(",")]
+    if not 1.0 <= args.true_cfg_scale <= MAX_TRUE_CFG:
+        raise ConfigError(f"--true-cfg-scale {args.true_cfg_scale:g} must be in [1, {MAX_TRUE_CFG:g}] (1: off)")
     rate = matmul_rate(gpu)
     where = "GPU" if gpu else f"CPU ({platform.processor() or platform.machine()})"
     print(f"# {where}: {'GPU figure' if gpu else 'CPU figure (not representative of GPU latency)'}; config "
-          f"{args.config}, {args.resolution}x{args.resolution}, {args.steps} steps, batch {args.batch}, "
+          f"{args.config}, {args.resolution}x{args.resolution}, {args.steps} steps, batch {args.batch}"
+          f"{f', true CFG {args.true_cfg_scale:g}' if args.true_cfg_scale > 1 else ''}, "
           f"matmul rate {rate / 1e12:.2f} TFLOP/s ({args.dtype if gpu else 'fp32'})")
     rows: list[Row] = []
     for backend in backends:
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             if s > engine.max_subjects:
                 print(f"# skipped {backend} with {s} subjects: engine allows {engine.max_subjects}")
                 continue
-            flops, _ = dit_step_flops(engine.config, args.batch, args.resolution, args.resolution, s)
+            dit_batch = args.batch * (2 if args.true_cfg_scale > 1 else 1)  # true CFG: + the negative rows
+            flops, _ = dit_step_flops(engine.config, dit_batch, args.resolution, args.resolution, s)
             rows.append(bench_backend(engine, backend, args, s, flops / rate))
             logger.info("%s, %d subject(s): %.2f ms/step", backend, s, rows[-1].step_ms)
         del engine

@@ -24,7 +24,7 @@ from dynaip_trt.conditioning import ReferenceKV
 from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig
 from dynaip_trt.errors import ConfigError, InputError
 from dynaip_trt.images import ImageLike
-from dynaip_trt.manifest import Manifest
+from dynaip_trt.manifest import Manifest, max_batch_of
 from dynaip_trt.request import GenerationRequest, batch_key, prompt_fields
 from dynaip_trt.text import Tokenizer
 
@@ -118,9 +118,8 @@ class DynaIPEngine:
             stages = TrtStages(path, manifest, device=_cuda_index(device), cuda_graphs=cuda_graphs)
         tokenizers = (Tokenizer.load(Path(path) / "tokenizer", cfg.text.clip_max_length),
                       Tokenizer.load(Path(path) / "tokenizer_2", cfg.text.max_text_length))
-        dit = manifest.models["dit"]
         info = {"build": str(path), "precision": precision if backend == "onnxruntime" else
-                (manifest.tensorrt or {}).get("precision"), "max_batch": int(dit.profile["latents"]["max"][0]),
+                (manifest.tensorrt or {}).get("precision"), "max_batch": max_batch_of(manifest),
                 "profiles": {name: entry.profile for name, entry in manifest.models.items()}}
         return cls(cfg, stages, tokenizers, cache_bytes, info)
 
@@ -165,7 +164,8 @@ class DynaIPEngine:
                  scales: float | Sequence[float] = 1.0, granularity=None, masks=None, block_scales=None,
                  steps: int | None = None, guidance: float | None = None, height: int | None = None,
                  width: int | None = None, seed: int | None = None, truncate_prompt: bool = True, text_branch=None,
-                 output_type: str = "pil", progress: bool = False) -> list[Image.Image] | np.ndarray:
+                 negative_prompt: str | None = None, true_cfg_scale: float = 1.0, output_type: str = "pil",
+                 progress: bool = False) -> list[Image.Image] | np.ndarray:
         """Generate one image per prompt showing the reference subjects.
 
         The arguments are the fields of :class:`~dynaip_trt.request.GenerationRequest` (see there); a list of
@@ -179,14 +179,15 @@ class DynaIPEngine:
         requests = [GenerationRequest(
             p, references, scales=scales, granularity=granularity, masks=masks, block_scales=block_scales,
             steps=steps, guidance=guidance, height=height, width=width,
-            seed=base + i if type(base) is int else base, truncate_prompt=truncate_prompt, text_branch=text_branch)
-            for i, p in enumerate(prompts)]
+            seed=base + i if type(base) is int else base, truncate_prompt=truncate_prompt, text_branch=text_branch,
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale) for i, p in enumerate(prompts)]
         return self._generate(requests, fields, output_type, progress)
 
     def generate_batch(self, requests: Sequence[GenerationRequest], output_type: str = "pil",
                        progress: bool = False) -> list[Image.Image] | np.ndarray:
         """One image per request, generated as one batch: the requests must share :meth:`batch_key` (steps, size,
-        subject count, masks or not, block scales, DDS schedule) and be at most :attr:`max_batch`; each keeps its
+        subject count, masks or not, block scales, DDS schedule, true CFG or not) and be at most :attr:`max_batch`
+        (half of it with true CFG: each request adds its negative row); each keeps its
         own prompt, references, scales, masks, guidance and seed, and gets the image it would get alone."""
         if not isinstance(requests, (list, tuple)) or not requests:
             raise InputError("requests must be a non-empty list of GenerationRequest")
@@ -202,6 +203,10 @@ class DynaIPEngine:
                              f"(rebuild with export.build --batch)")
         with self._lock:
             rows = [self.sampler.validate(r, f) for r, f in zip(requests, prompt_fields)]
+            if rows[0].uses_true_cfg and self.max_batch is not None and 2 * len(rows) > self.max_batch:
+                raise InputError(f"{len(rows)} request(s) with true CFG run {2 * len(rows)} DiT rows (each with its "
+                                 f"negative row); this build serves batches of 1..{self.max_batch} (rebuild with "
+                                 f"export.build --batch)")
             latents = self.sampler.run(rows, progress)
             if output_type == "latent":
                 return latents

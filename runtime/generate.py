@@ -22,7 +22,7 @@ from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig, get_config
 from dynaip_trt.errors import ConfigError, InputError
 from dynaip_trt.images import load_image
 from dynaip_trt.manifest import Manifest
-from dynaip_trt.request import MAX_SCALE, MAX_SEED, MAX_SIDE
+from dynaip_trt.request import MAX_SCALE, MAX_SEED, MAX_SIDE, MAX_TRUE_CFG
 
 logger = logging.getLogger("runtime.generate")
 
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int)
     p.add_argument("--no-truncate", action="store_true", help="refuse a prompt longer than the text length "
                    "(default: truncate it with a warning)")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt of true CFG (\"\" for an empty one)")
+    p.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="S",
+                   help="true CFG scale in [1, 100] (default 1: off); above 1 needs --negative-prompt")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if not args.subjects:
@@ -98,6 +101,11 @@ def check_numbers(args: argparse.Namespace, cfg: DynaIPConfig | None) -> None:
                          f"for all subjects or once per subject")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise InputError(f"--seed {args.seed} must be in [0, 2**63 - 1]")
+    if not math.isfinite(args.true_cfg_scale) or not 1 <= args.true_cfg_scale <= MAX_TRUE_CFG:
+        raise InputError(f"--true-cfg-scale {args.true_cfg_scale:g} must be a finite number in [1, {MAX_TRUE_CFG:g}] "
+                         f"(1: off)")
+    if args.true_cfg_scale > 1 and args.negative_prompt is None:
+        raise InputError("--true-cfg-scale above 1 needs --negative-prompt (\"\" for an empty one)")
     if args.threads < 0:
         raise InputError(f"--threads {args.threads} must be >= 0")
     if args.steps is not None and not 1 <= args.steps <= 1000:
@@ -178,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     scales = 1.0 if not args.scale else args.scale[0] if len(args.scale) == 1 else args.scale
     images = engine.generate(args.prompt, subjects, scales=scales, granularity=parse_granularity(args.granularity),
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                             seed=args.seed, truncate_prompt=not args.no_truncate, progress=True)
+                             seed=args.seed, truncate_prompt=not args.no_truncate,
+                             negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale, progress=True)
     save_image(images[0], out)
     logger.info("wrote %s (%s backend)", out, engine.backend)
     return 0

@@ -2,7 +2,8 @@
 
 The denoising loop uses IOBinding: the constant DiT inputs are bound once as OrtValues on the session's device (CPU,
 or CUDA with onnxruntime-gpu), the latents ping-pong between two device buffers, and only ``timestep`` and
-``timestep_next`` are written per step. Other models run once per request through plain ``run`` calls on numpy
+``timestep_next`` are written per step. With true CFG the graph's ``velocity`` comes back to the host every step for
+the guided Euler step, and the new latents go back in. Other models run once per request through plain ``run`` calls on numpy
 arrays. onnxruntime is imported lazily: the rest of the runtime works without it. No torch.
 """
 
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from dynaip_trt.conditioning import DiTCondition, dit_feeds
+from dynaip_trt.sampling import euler_step, true_cfg_velocity
 from dynaip_trt.errors import ConfigError, InputError, ManifestError, import_optional
 from dynaip_trt.manifest import MODEL_IO, Manifest, safe_join
 
@@ -122,28 +124,33 @@ class OrtStages(ExportedStages):
         outputs = self.sessions[model].run(list(MODEL_IO[model][1]), arrays)
         return {n: np.asarray(o, dtype=np.float32) for n, o in zip(MODEL_IO[model][1], outputs)}
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition) -> "OrtDenoiseSession":
-        return OrtDenoiseSession(self, noise, cond)
+    def denoise_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None
+                        ) -> "OrtDenoiseSession":
+        return OrtDenoiseSession(self, noise, cond, true_cfg)
 
 
 class OrtDenoiseSession:
-    """A denoising loop on the DiT session with IOBinding (see the module docstring)."""
+    """A denoising loop on the DiT session with IOBinding (see the module docstring); ``true_cfg``: see
+    :meth:`runtime.stages.Stages.denoise_session`."""
 
-    def __init__(self, stages: OrtStages, noise: np.ndarray, cond: DiTCondition):
+    def __init__(self, stages: OrtStages, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None):
         ort, dev, idx = stages.ort, stages.device_type, stages.device_id
         self.session = stages.sessions["dit"]
-        batch = noise.shape[0]
+        self.true_cfg = None if true_cfg is None else np.asarray(true_cfg, np.float32)[:, None, None]
+        self.x = None if true_cfg is None else np.array(noise, dtype=np.float32)  # the guided latents [B, N, C]
+        latents = noise if true_cfg is None else np.concatenate([noise, noise])
+        batch = latents.shape[0]
         # two buffers: on the CPU an OrtValue shares its numpy array, and each is rewritten every step
-        feeds = dit_feeds(noise, np.zeros(batch, np.float32), np.zeros(batch, np.float32), cond)
+        feeds = dit_feeds(latents, np.zeros(batch, np.float32), np.zeros(batch, np.float32), cond)
         self.values = {n: ort.OrtValue.ortvalue_from_numpy(stages.cast("dit", n, a), dev, idx)
                        for n, a in feeds.items()}
         self.current = self.values.pop("latents")
-        self.next = ort.OrtValue.ortvalue_from_shape_and_type(list(noise.shape), np.float32, dev, idx)
-        velocity = ort.OrtValue.ortvalue_from_shape_and_type(list(noise.shape), np.float32, dev, idx)
+        self.next = ort.OrtValue.ortvalue_from_shape_and_type(list(latents.shape), np.float32, dev, idx)
+        self.velocity = ort.OrtValue.ortvalue_from_shape_and_type(list(latents.shape), np.float32, dev, idx)
         self.binding = self.session.io_binding()
         for name, value in self.values.items():
             self.binding.bind_ortvalue_input(name, value)
-        self.binding.bind_ortvalue_output("velocity", velocity)
+        self.binding.bind_ortvalue_output("velocity", self.velocity)
         self.batch = batch
 
     def step(self, timestep: float, timestep_next: float, text_branch: bool = False) -> None:
@@ -154,7 +161,14 @@ class OrtDenoiseSession:
         self.binding.bind_ortvalue_input("latents", self.current)
         self.binding.bind_ortvalue_output("latents_next", self.next)
         self.session.run_with_iobinding(self.binding)
-        self.current, self.next = self.next, self.current
+        if self.true_cfg is None:
+            self.current, self.next = self.next, self.current
+            return
+        v = true_cfg_velocity(self.velocity.numpy(), self.true_cfg)
+        self.x = euler_step(self.x, v, np.float32(timestep), np.float32(timestep_next))
+        self.current.update_inplace(np.concatenate([self.x, self.x]))
 
     def latents(self) -> np.ndarray:
+        if self.x is not None:
+            return self.x.copy()
         return np.array(self.current.numpy(), dtype=np.float32)

@@ -21,7 +21,7 @@ from dynaip_trt.conditioning import DiTCondition, ReferenceKV
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import InputError
 from dynaip_trt.images import image_hash, latents_to_pil, preprocess_clip
-from dynaip_trt.request import GenerationRequest, ValidRequest, check_batch, normalize_granularity, \
+from dynaip_trt.request import GenerationRequest, ValidRequest, check_batch, negative_rows, normalize_granularity, \
     normalize_references, validate_request
 from dynaip_trt.sampling import flux_sigmas, image_token_count, initial_noise, latent_image_ids, text_ids, \
     unpack_latents
@@ -135,13 +135,18 @@ class Sampler:
         check_batch(rows)
         r0, cfg = rows[0], self.config
         vf = cfg.vae.spatial_factor
-        cond = self.condition(rows)
         noise = np.concatenate([initial_noise(r0.height, r0.width, vf, cfg.vae.latent_channels, r.seed)
                                 for r in rows])
+        logger.debug("generating %d image(s) %dx%d, %d subject(s), %d steps on %s%s", len(rows), r0.height, r0.width,
+                     r0.num_subjects, r0.steps, self.stages.backend, " with true CFG" if r0.uses_true_cfg else "")
+        if r0.uses_true_cfg:  # the DiT runs the rows, then their negative rows
+            cond = self.condition([*rows, *negative_rows(rows)])
+            session = self.stages.denoise_session(noise, cond, np.asarray([r.true_cfg_scale for r in rows],
+                                                                          np.float32))
+        else:
+            cond = self.condition(rows)
+            session = self.stages.denoise_session(noise, cond)
         sigmas = flux_sigmas(r0.steps, cond.image_tokens)
-        logger.debug("generating %d image(s) %dx%d, %d subject(s), %d steps on %s", len(rows), r0.height, r0.width,
-                    r0.num_subjects, r0.steps, self.stages.backend)
-        session = self.stages.denoise_session(noise, cond)
         for i in progress_bar(range(r0.steps), "denoise", progress):
             session.step(float(sigmas[i]), float(sigmas[i + 1]),
                          text_branch=r0.uses_text_branch and r0.text_branch.active(i))

@@ -44,8 +44,14 @@ class Stages(Protocol):
     def encode_text(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """int64 ids ``[B, Lclip]``, ``[B, Ltxt]`` -> T5 sequence ``[B, Ltxt, D]``, CLIP pooled ``[B, Dp]``."""
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition[np.ndarray]) -> DenoiseSession:
-        """Start a denoising loop from packed ``noise`` ``[B, N, 64]`` under ``cond`` (batch ``B``)."""
+    def denoise_session(self, noise: np.ndarray, cond: DiTCondition[np.ndarray], true_cfg: np.ndarray | None = None
+                        ) -> DenoiseSession:
+        """Start a denoising loop from packed ``noise`` ``[B, N, 64]`` under ``cond`` (batch ``B``).
+
+        ``true_cfg``: per-row true-CFG scales ``[B]``; ``cond`` then has ``2B`` rows (the rows, then their negative
+        rows) and each step runs the DiT on ``2B`` rows fed the same latents twice and moves the ``B`` latents with
+        :func:`~dynaip_trt.sampling.true_cfg_velocity` (the graph's ``velocity`` output, an Euler step outside it).
+        Without it the loop is unchanged: the graph's ``latents_next`` is fed back."""
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Unpacked latents ``[B, C, h, w]`` -> images ``[B, 3, f*h, f*w]`` in [-1, 1]."""

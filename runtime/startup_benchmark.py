@@ -27,7 +27,8 @@ logger = logging.getLogger("runtime.startup_benchmark")
 ROOT = Path(__file__).resolve().parents[1]
 REF = str(ROOT / "examples" / "subject_a.png")
 COMMANDS = ("runtime.generate", "runtime.benchmark", "export.onnx", "export.build", "export.parity",
-            "calibration.collect", "calibration.quantize")
+            "calibration.collect", "calibration.quantize", "runtime.serve", "runtime.loadtest",
+            "runtime.serve_benchmark")
 HELP_TARGET_S, ERROR_TARGET_S, GENERATE_TARGET_S = 1.0, 1.5, 3.0
 
 
@@ -42,6 +43,7 @@ def cases(engine_dir: str, scratch: Path) -> list[tuple[str, list[str], float, i
         ("generate: unwritable --out", [*gen, "--out", "/proc/x.png"], ERROR_TARGET_S, 2),
         ("generate: bad --scale", [*gen, "--out", out, "--scale", "-1"], ERROR_TARGET_S, 2),
         ("export.onnx: unknown --models", ["export.onnx", "--models", "unet"], ERROR_TARGET_S, 2),
+        ("serve: no such --engine-dir", ["runtime.serve", "--engine-dir", "no-such-build"], ERROR_TARGET_S, 2),
         ("export.build: unknown --precision", ["export.build", "--precision", "int4"], ERROR_TARGET_S, 2),
         ("calibration.quantize: empty --calib", ["calibration.quantize", "--calib", str(scratch)], ERROR_TARGET_S, 2),
         ("generate: whole tiny ONNX Runtime run", [*gen, "--ref", REF, "--engine-dir", engine_dir, "--out", out],

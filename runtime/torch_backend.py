@@ -20,7 +20,7 @@ from dynaip_trt.configs import DEFAULT_CONFIG
 from dynaip_trt.errors import BackendUnavailableError
 from dynaip_trt.fp8 import quantize_fp8
 from dynaip_trt.models import DynaIPModels, dit_forward
-from dynaip_trt.sampling import euler_step, image_token_count, latent_image_ids, text_ids
+from dynaip_trt.sampling import euler_step, image_token_count, latent_image_ids, text_ids, true_cfg_velocity
 from dynaip_trt.stage_modules import ClipLevels, DiTStep, FusionKV, TextEncoders, VaeDecode
 from dynaip_trt.weights import load_family
 
@@ -82,7 +82,7 @@ class TorchStages:
                                           f"{torch.cuda.get_device_name(self.device)} has none")
         self.transformer = quantize_fp8(models.transformer, "scaled_mm") if fp8 else models.transformer
         self.mode = cfg.adapter.attention_mode
-        self.clip = ClipLevels(models.vision, cfg.adapter.tap_layers, self.dtype)
+        self.clip = ClipLevels(models.vision, cfg.adapter.tap_layers, self.dtype, cfg.adapter.encoder)
         self.fusion = FusionKV(models.adapter, self.dtype)
         self.text = TextEncoders(models.clip_text, models.t5, self.dtype)
         self.dit = DiTStep(self.transformer, self.mode, self.dtype)
@@ -118,8 +118,9 @@ class TorchStages:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self.vae(self.tensor(latents)).cpu().numpy()
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition) -> "TorchDenoiseSession":
-        return TorchDenoiseSession(self, noise, cond)
+    def denoise_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None
+                        ) -> "TorchDenoiseSession":
+        return TorchDenoiseSession(self, noise, cond, true_cfg)
 
     @torch.no_grad()
     def step_times(self, batch: int, height: int, width: int, subjects: int,
@@ -143,10 +144,11 @@ class TorchStages:
         base = timer(lambda: (dit_forward(self.transformer, *args, None), sync()))
         return base, timer(lambda: (dit_forward(self.transformer, *args, ref), sync()))
 
-    def captured(self, feeds: dict[str, torch.Tensor]) -> CapturedGraph:
+    def captured(self, feeds: dict[str, torch.Tensor], output: int = 1) -> CapturedGraph:
         """The CUDA graph of one step for the bucket of ``feeds`` (captured on first use): its static inputs are
-        ``feeds``' names, its output ``latents_next``."""
-        key = shape_key(feeds)
+        ``feeds``' names, its output the DiT step's output number ``output`` (1: ``latents_next``, 0: ``velocity``
+        for true CFG)."""
+        key = (shape_key(feeds), output)
         graph = self.graphs.get(key)
         if graph is None:
             static = {k: v.clone() for k, v in feeds.items()}
@@ -155,7 +157,7 @@ class TorchStages:
             act = ACTIVATION_FACTOR * b * (n + static["text_embeds"].shape[1]) * width * self.dtype.itemsize
             needed = act + sum(t.numel() * t.element_size() for t in static.values())
             ensure_free_memory(self.device, needed, f"capturing the DiT step for batch {b}, {n} image tokens")
-            graph = capture_graph(static, lambda: self.dit(**static)[1])
+            graph = capture_graph(static, lambda: self.dit(**static)[output])
             self.graphs.put(key, graph)
             logger.info("captured the DiT step for bucket %s (%d bucket(s) cached)", key, len(self.graphs))
         return graph
@@ -163,14 +165,20 @@ class TorchStages:
 
 class TorchDenoiseSession:
     """The denoising loop on the models' device: eager flat DiT steps, or replays of the bucket's CUDA graph that
-    feed ``latents_next`` back as ``latents`` on the device."""
+    feed ``latents_next`` back as ``latents`` on the device. With ``true_cfg`` (see
+    :meth:`runtime.stages.Stages.denoise_session`) the step's ``velocity`` of the ``2B`` rows gives the guided Euler
+    step of the ``B`` latents, on the device."""
 
-    def __init__(self, stages: TorchStages, noise: np.ndarray, cond: DiTCondition):
+    def __init__(self, stages: TorchStages, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None):
         self.stages = stages
         self.cond = cond
-        t = np.zeros(noise.shape[0], dtype=np.float32)
-        self.feeds = {k: stages.tensor(v) for k, v in dit_feeds(noise, t, t, cond).items()}  # copies: two buffers
-        self.graph = None if stages.graphs is None else stages.captured(self.feeds)
+        self.true_cfg = None if true_cfg is None else stages.tensor(np.asarray(true_cfg, np.float32)[:, None, None])
+        self.x = None if true_cfg is None else stages.tensor(noise).float()  # the guided latents [B, N, C]
+        latents = noise if true_cfg is None else np.concatenate([noise, noise])
+        t = np.zeros(latents.shape[0], dtype=np.float32)
+        self.feeds = {k: stages.tensor(v) for k, v in dit_feeds(latents, t, t, cond).items()}  # copies: two buffers
+        self.output = 1 if true_cfg is None else 0  # latents_next, or the velocity of the guided step
+        self.graph = None if stages.graphs is None else stages.captured(self.feeds, self.output)
         if self.graph is not None:
             for name, value in self.feeds.items():
                 self.graph.inputs[name].copy_(value)
@@ -179,18 +187,27 @@ class TorchDenoiseSession:
     def step(self, timestep: float, timestep_next: float, text_branch: bool = False) -> None:
         if text_branch:
             self._text_branch_step(timestep, timestep_next)
-        elif self.graph is not None:
-            g = self.graph.inputs
-            g["timestep"].fill_(timestep)
-            g["timestep_next"].fill_(timestep_next)
+            return
+        inputs = self.graph.inputs if self.graph is not None else self.feeds
+        inputs["timestep"].fill_(timestep)
+        inputs["timestep_next"].fill_(timestep_next)
+        if self.graph is not None:
             self.graph.graph.replay()
-            g["latents"].copy_(self.graph.output)
+            out = self.graph.output
         else:
-            self.feeds["timestep"].fill_(timestep)
-            self.feeds["timestep_next"].fill_(timestep_next)
-            self.feeds["latents"] = self.stages.dit(**self.feeds)[1]
+            out = self.stages.dit(**inputs)[self.output]
+        if self.true_cfg is not None:
+            t, t_next = (torch.tensor(np.float32(v), device=self.stages.device) for v in (timestep, timestep_next))
+            self.x = euler_step(self.x, true_cfg_velocity(out, self.true_cfg), t, t_next)
+            out = torch.cat([self.x, self.x])
+        if self.graph is not None:
+            self.graph.inputs["latents"].copy_(out)
+        else:
+            self.feeds["latents"] = out
 
     def _latents(self) -> torch.Tensor:
+        if self.x is not None:
+            return self.x
         return self.graph.inputs["latents"] if self.graph is not None else self.feeds["latents"]
 
     def _text_branch_step(self, timestep: float, timestep_next: float) -> None:

@@ -10,7 +10,9 @@ cuda-python (:mod:`runtime.cuda`); no torch.
   The denoising loop is a :class:`TrtDenoiseSession`: the latents stay on the device, and a step copies only
   ``timestep``/``timestep_next`` in and launches one CUDA graph per bucket of input shapes (an LRU of
   ``max_graphs``, one execution context each) that captured ``execute_async_v3`` plus the device-to-device copy
-  ``latents_next -> latents`` (the DiT graph contains the Euler step).
+  ``latents_next -> latents`` (the DiT graph contains the Euler step). With true CFG the DiT runs the ``2B`` rows
+  (the rows, then their negative rows) and its ``velocity`` comes back each step for the guided Euler step on the
+  host (as the ONNX Runtime backend does); the graph then captures the enqueue alone.
 
 Capture follows the known-good recipe: one uncaptured enqueue first (TensorRT's lazy initialization must not happen
 under capture), ``execute_async_v3``'s result checked under capture, engines deserialized and contexts created and
@@ -46,6 +48,7 @@ from dynaip_trt.conditioning import DiTCondition, dit_feeds
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError
 from dynaip_trt.manifest import (MODEL_IO, Manifest, check_engine_sources, check_profile, check_tensorrt_section,
                                  safe_join)
+from dynaip_trt.sampling import euler_step, true_cfg_velocity
 from dynaip_trt.tensorrt_api import import_tensorrt_gpu, is_lean, tensorrt_logger
 
 import runtime.cuda as cuda
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 # The DiT tensors a denoising session moves (names of MODEL_IO["dit"]; checked when a session starts).
 DIT_LATENTS, DIT_LATENTS_NEXT, DIT_TIMESTEPS = "latents", "latents_next", ("timestep", "timestep_next")
+DIT_VELOCITY = "velocity"
 
 # Host (numpy) storage of each TensorRT I/O type, by DataType name. numpy has no bfloat16: its bits travel as uint16.
 HOST_DTYPES: dict[str, np.dtype] = {"FLOAT": np.dtype(np.float32), "HALF": np.dtype(np.float16),
@@ -367,13 +371,16 @@ class TrtStages(ExportedStages):
         with cuda.device_scope(self.device):
             return self.engines[model].run(feeds, self.stream)
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition[np.ndarray]) -> TrtDenoiseSession:
-        """A denoising loop from packed ``noise`` ``[B, N, 64]`` under ``cond``, resident on the device."""
-        return TrtDenoiseSession(self, noise, cond)
+    def denoise_session(self, noise: np.ndarray, cond: DiTCondition[np.ndarray], true_cfg: np.ndarray | None = None
+                        ) -> TrtDenoiseSession:
+        """A denoising loop from packed ``noise`` ``[B, N, 64]`` under ``cond``, resident on the device; ``true_cfg``:
+        per-row true-CFG scales ``[B]`` with ``cond`` of ``2B`` rows (:meth:`runtime.stages.Stages.denoise_session`)."""
+        return TrtDenoiseSession(self, noise, cond, true_cfg)
 
-    def dit_bucket(self, shapes: dict[str, tuple[int, ...]]) -> DitBucket:
-        """The :class:`DitBucket` of these DiT input shapes (created, and the oldest released, as needed)."""
-        key = shape_key(shapes)
+    def dit_bucket(self, shapes: dict[str, tuple[int, ...]], guided: bool = False) -> DitBucket:
+        """The :class:`DitBucket` of these DiT input shapes and step kind (``guided``: true CFG, the graph holds the
+        enqueue alone), created, and the oldest released, as needed."""
+        key = (shape_key(shapes), guided)
         bucket = self._dit_buckets.get(key)
         if bucket is None:
             engine = self.engines["dit"]
@@ -395,15 +402,16 @@ class TrtStages(ExportedStages):
             self._staging[batch] = StagingRing.create(batch, {n: dit.kinds[n] for n in DIT_TIMESTEPS})
         return self._staging[batch]
 
-    def capture(self, bucket: DitBucket) -> None:
-        """Capture one denoising step of ``bucket`` (``execute_async_v3`` + ``latents_next -> latents``) after one
-        uncaptured enqueue. The bucket's inputs must be loaded; its latents are not changed."""
+    def capture(self, bucket: DitBucket, guided: bool = False) -> None:
+        """Capture one denoising step of ``bucket`` (``execute_async_v3``, then ``latents_next -> latents`` unless
+        ``guided``) after one uncaptured enqueue. The bucket's inputs must be loaded; its latents are not changed."""
         engine, binding = self.engines["dit"], bucket.binding
         engine.enqueue(binding, self.stream)  # lazy initialization happens here, not under capture
 
         def record() -> None:
             engine.enqueue(binding, self.stream)
-            binding.device[DIT_LATENTS].copy_from(binding.device[DIT_LATENTS_NEXT], self.stream)
+            if not guided:
+                binding.device[DIT_LATENTS].copy_from(binding.device[DIT_LATENTS_NEXT], self.stream)
 
         bucket.graph = cuda.CudaGraph(self.stream, record)
         logger.info("captured the TensorRT DiT step for bucket %s (%d bucket(s) cached)",
@@ -428,25 +436,34 @@ class TrtDenoiseSession:
     """The denoising loop of one request on the device (see the module docstring).
 
     A step copies the two timesteps in through the stages' :class:`StagingRing` and launches the bucket's graph (or
-    enqueues the step uncaptured).
+    enqueues the step uncaptured). With ``true_cfg`` (scales ``[B]``, ``cond`` of ``2B`` rows) the DiT runs both
+    halves on the same latents and the guided Euler step happens on the host
+    (:func:`~dynaip_trt.sampling.true_cfg_velocity`, :func:`~dynaip_trt.sampling.euler_step`).
     """
 
-    def __init__(self, stages: TrtStages, noise: np.ndarray, cond: DiTCondition[np.ndarray]) -> None:
+    def __init__(self, stages: TrtStages, noise: np.ndarray, cond: DiTCondition[np.ndarray],
+                 true_cfg: np.ndarray | None = None) -> None:
         io = set(MODEL_IO["dit"][0]) | set(MODEL_IO["dit"][1])
-        absent = [n for n in (DIT_LATENTS, DIT_LATENTS_NEXT, *DIT_TIMESTEPS) if n not in io]
+        absent = [n for n in (DIT_LATENTS, DIT_LATENTS_NEXT, DIT_VELOCITY, *DIT_TIMESTEPS) if n not in io]
         if absent:
             raise ManifestError(f"the DiT graph of this build has no {absent}: a device-resident denoising loop needs "
                                 f"the Euler step inside the graph; re-export and rebuild the engines")
         self.stages, self.engine = stages, stages.engines["dit"]
-        self.batch = int(noise.shape[0])
+        noise = np.asarray(noise, np.float32)
+        guided = true_cfg is not None
+        self.scales = np.asarray(true_cfg, np.float32)[:, None, None] if guided else None  # [B, 1, 1]
+        self.x = noise.copy() if guided else None  # the guided latents [B, N, 64], on the host
+        latents = np.concatenate([noise, noise]) if guided else noise
+        self.output = DIT_VELOCITY if guided else DIT_LATENTS_NEXT  # what a step's graph must write
+        self.batch = int(latents.shape[0])  # rows the DiT runs
         placeholder = np.zeros(self.batch, np.float32)
-        feeds = dit_feeds(np.asarray(noise, np.float32), placeholder, placeholder, cond)
+        feeds = dit_feeds(latents, placeholder, placeholder, cond)
         with cuda.device_scope(stages.device):
             stages.stream.synchronize()  # the staging of the previous session is free again
-            self.bucket = stages.dit_bucket({n: tuple(np.shape(feeds[n])) for n in self.engine.inputs})
+            self.bucket = stages.dit_bucket({n: tuple(np.shape(feeds[n])) for n in self.engine.inputs}, guided)
             self.engine.load(self.bucket.binding, feeds, stages.stream)
             if stages.cuda_graphs and self.bucket.graph is None:
-                stages.capture(self.bucket)
+                stages.capture(self.bucket, guided)
             self.ring = stages.staging(self.batch)
 
     def _binding(self) -> Binding:
@@ -457,7 +474,8 @@ class TrtDenoiseSession:
         return self.bucket.binding
 
     def step(self, timestep: float, timestep_next: float, text_branch: bool = False) -> None:
-        """One Euler step from ``timestep`` to ``timestep_next`` (on the device; no host synchronization)."""
+        """One Euler step from ``timestep`` to ``timestep_next`` (on the device, no host synchronization; with true
+        CFG the velocity comes back and the guided latents go in)."""
         if text_branch:
             raise InputError(TEXT_BRANCH_MESSAGE)
         binding, stream = self._binding(), self.stages.stream
@@ -469,19 +487,25 @@ class TrtDenoiseSession:
             event.record(stream)
             if self.bucket.graph is None:
                 self.engine.enqueue(binding, stream)
-                binding.device[DIT_LATENTS].copy_from(binding.device[DIT_LATENTS_NEXT], stream)
+                if self.x is None:
+                    binding.device[DIT_LATENTS].copy_from(binding.device[DIT_LATENTS_NEXT], stream)
             elif self.bucket.checked:
                 self.bucket.graph.launch(stream)
             else:
                 self._first_replay(binding, stream)
+            if self.x is not None:
+                velocity = self.engine.read(binding, (DIT_VELOCITY,), stream)[DIT_VELOCITY]  # [2B, N, 64]
+                self.x = euler_step(self.x, true_cfg_velocity(velocity, self.scales), np.float32(timestep),
+                                    np.float32(timestep_next))
+                self.engine.load(binding, {DIT_LATENTS: np.concatenate([self.x, self.x])}, stream)
 
     def _first_replay(self, binding: Binding, stream: cuda.Stream) -> None:
         """Replay a fresh graph with its output filled with NaN bytes; an output left all-NaN means the graph did
         not write it (empty capture) and raises. One host synchronization per captured graph."""
-        out = binding.device[DIT_LATENTS_NEXT]
+        out = binding.device[self.output]
         out.fill_bytes(0xFF, stream)
         self.bucket.graph.launch(stream)
-        if np.isnan(self.engine.read(binding, (DIT_LATENTS_NEXT,), stream)[DIT_LATENTS_NEXT]).all():
+        if np.isnan(self.engine.read(binding, (self.output,), stream)[self.output]).all():
             raise BackendUnavailableError(
                 "the captured CUDA graph of the TensorRT DiT step did not write its output (an empty capture: was the "
                 "engine loaded under another current CUDA device?); run with CUDA graphs turned off and report the "
@@ -490,6 +514,8 @@ class TrtDenoiseSession:
 
     def latents(self) -> np.ndarray:
         """The current packed latents ``[B, N, 64]`` (float32 host copy; waits for the device)."""
+        if self.x is not None:
+            return self.x.copy()
         binding = self._binding()
         with cuda.device_scope(self.stages.device):
             return self.engine.read(binding, (DIT_LATENTS,), self.stages.stream)[DIT_LATENTS]

@@ -21,7 +21,7 @@ from dynaip_trt.cli import MARKER, written_image
 ROOT = Path(__file__).resolve().parents[1]
 REF = str(ROOT / "examples" / "subject_a.png")
 CLIS = ("runtime.generate", "runtime.benchmark", "export.onnx", "export.build", "export.parity",
-        "calibration.collect", "calibration.quantize")
+        "calibration.collect", "calibration.quantize", "runtime.serve", "runtime.loadtest", "runtime.serve_benchmark")
 PROBE = ("import runpy, sys\n"
          "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
          "code = 0\n"

@@ -23,8 +23,9 @@ MAX_PIXEL_DIFF = 1  # 8-bit levels
 
 
 def runtime_requirements() -> list[str]:
-    """The key of the lean venv: the project's dependency declarations."""
-    return [(ROOT / "pyproject.toml").read_text()]
+    """The key of the lean venv: the project's dependency declarations and the checkout it installs in editable
+    mode (a venv of another checkout would run that checkout's code)."""
+    return [(ROOT / "pyproject.toml").read_text(), str(ROOT)]
 
 
 @pytest.fixture(scope="session")

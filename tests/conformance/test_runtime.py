@@ -102,6 +102,33 @@ def test_denoising_session_matches_the_numpy_euler_loop(trt_build, sim, trt_stat
     assert sim.live() == {}
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_true_cfg_session_matches_the_guided_numpy_loop(trt_build, sim, trt_state, graphs):
+    """True CFG: the DiT runs the B rows and their B negative rows on the same latents; the guided velocity
+    v_neg + s * (v - v_neg) moves the B latents (diffusers' semantics, as the ONNX Runtime backend)."""
+    from dynaip_trt.conditioning import dit_feeds
+    from dynaip_trt.sampling import euler_step, true_cfg_velocity
+    from runtime.trt_backend import TrtStages
+
+    stages = TrtStages(trt_build, cuda_graphs=graphs)
+    noise, cond = condition(stages.manifest, batch=4, subjects=2)  # 2 rows + their 2 negative rows
+    noise, scales = noise[:2], np.array([3.0, 1.5], np.float32)
+    session = stages.denoise_session(noise, cond, scales)
+    x = noise
+    for t, tn in zip(SIGMAS[:-1], SIGMAS[1:]):
+        session.step(t, tn)
+        feeds = dit_feeds(np.concatenate([x, x]), np.full(4, t, np.float32), np.full(4, tn, np.float32), cond)
+        v = true_cfg_velocity(dit_fn(feeds)["velocity"], scales[:, None, None])
+        x = euler_step(x, v, np.float32(t), np.float32(tn))
+    np.testing.assert_allclose(session.latents(), x, rtol=1e-5, atol=1e-6)
+    plain = stages.denoise_session(*condition(stages.manifest, batch=4, subjects=2))  # the same shapes, unguided
+    plain.step(1.0, 0.5)
+    assert len(stages._dit_buckets) == 2, "guided and plain steps are different graphs"
+    assert sim.pageable == []
+    stages.close()
+    assert sim.live() == {}
+
+
 def test_buckets_are_an_lru_of_max_graphs_with_one_context_each(trt_build, sim, trt_state):
     from runtime.trt_backend import TrtStages
 
