@@ -18,6 +18,7 @@ from typing import Any
 from .configs import DynaIPConfig
 from .errors import InputError, ManifestError
 from .files import atomic_path
+from .tensorrt_api import version_tuple
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 FP8_BASES = ("fp16", "bf16")  # precision of the non-FP8 ops of an FP8 DiT graph
 FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn value: a per-tensor FP8 scale is amax / FP8_E4M3_MAX
+
+
+def fp8_variant(base: str) -> str:
+    """Manifest variant key (and file infix) of the FP8 DiT graph whose other ops are in ``base``: ``fp8-bf16``
+    (``dit.fp8-bf16.onnx``) or ``fp8-fp16``."""
+    return f"fp8-{base}"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -218,7 +225,8 @@ def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu
     """Compare a manifest's ``tensorrt`` section with the running system (see the module docstring).
 
     Raises :class:`ManifestError` when the section is missing or incomplete, or the TensorRT version or the
-    GPU's compute capability differ from what the engines were built with.
+    GPU's compute capability differ from what the engines were built with. Engines built version-compatible
+    (``"version_compatible": true``) also run on later TensorRT versions of the same major version.
     """
     if not section:
         raise ManifestError(f"{directory} has no TensorRT engines (its manifest has no 'tensorrt' section); build "
@@ -226,7 +234,10 @@ def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu
     missing = [k for k in ("version", "gpu", "compute_capability") if k not in section]
     if missing:
         raise ManifestError(f"{directory}: the manifest's tensorrt section lacks {missing}; rebuild the engines")
-    if str(section["version"]) != trt_version:
+    if section.get("version_compatible") and _later_same_major(trt_version, str(section["version"])):
+        logger.info("engines in %s were built version-compatible with TensorRT %s; running them on %s", directory,
+                    section["version"], trt_version)
+    elif str(section["version"]) != trt_version:
         raise ManifestError(f"{directory}: the engines were built with TensorRT {section['version']} but TensorRT "
                             f"{trt_version} is installed; rebuild them (python -m export.build) or install "
                             f"tensorrt=={section['version']}")
@@ -238,6 +249,12 @@ def check_tensorrt_section(section: dict[str, Any] | None, trt_version: str, gpu
     if section["gpu"] != gpu_name:
         logger.warning("engines in %s were built on a %s and run on a %s (same compute capability): they work, "
                        "but rebuilding on this GPU may be faster", directory, section["gpu"], gpu_name)
+
+
+def _later_same_major(running: str, built: str) -> bool:
+    """Whether TensorRT ``running`` is ``built`` or a later release of the same major version."""
+    r, b = version_tuple(running), version_tuple(built)
+    return bool(r) and r[:1] == b[:1] and r >= b
 
 
 def check_engine_sources(manifest: Manifest, directory: str | Path) -> None:

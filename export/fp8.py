@@ -1,6 +1,8 @@
-"""The FP8 DiT graph: ``dit.fp8.onnx`` with ``QuantizeLinear``/``DequantizeLinear`` (FLOAT8E4M3FN, opset 19) in
-front of exactly the GEMMs :func:`dynaip_trt.fp8.fp8_layers` names, the rest in a base precision: the
-explicit-quantization pattern TensorRT builds FP8 GEMMs from, and what ONNX Runtime runs on the CPU as the oracle.
+"""The FP8 DiT graphs: ``dit.fp8-<base>.onnx`` with ``QuantizeLinear``/``DequantizeLinear`` (FLOAT8E4M3FN, opset 19)
+in front of exactly the GEMMs :func:`dynaip_trt.fp8.fp8_layers` names, the rest in a base precision (manifest
+variant ``fp8-<base>``, :func:`dynaip_trt.manifest.fp8_variant`): the explicit-quantization pattern TensorRT builds
+FP8 GEMMs from. The engine's base is bf16 by default (``export.build --fp8-base``); ``dit.fp8-fp16.onnx`` is always
+written too: ONNX Runtime's CPU provider has no bf16 kernels, so it is the CPU parity and quality oracle.
 
 :func:`prepare_fp8` is the whole step (calibrate or reuse a calibration folder, export, check placement, record
 the quality cost) that ``export.build --precision fp8`` and ``export.onnx --fp8`` run.
@@ -20,9 +22,10 @@ from calibration.recording import collect
 from calibration.store import AmaxTable, load_records
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.files import staged_files
-from dynaip_trt.manifest import FP8_BASES, FP8_QUALITY_FILE, Manifest
+from dynaip_trt.manifest import FP8_BASES, FP8_QUALITY_FILE, Manifest, fp8_variant
 from dynaip_trt.models import DynaIPModels
 
+from .engines import DEFAULT_FP8_BASE
 from .exporter import add_variant, export_model, variant_file
 from .graph import GraphCheckError
 from .specs import DiTSpec
@@ -80,8 +83,9 @@ def check_qdq_placement(model: onnx.ModelProto, layers: list[str]) -> None:
 
 def export_fp8_variant(build_dir: str | Path, models: DynaIPModels, table: AmaxTable, base: str = "fp16",
                        opset: int = FP8_OPSET) -> Manifest:
-    """Export the FP8 DiT (``dit.fp8.onnx``, ``base`` elsewhere) into a build directory and list it in its manifest
-    as the ``fp8`` variant of ``dit``. Q/DQ placement is checked before anything is moved into place."""
+    """Export the FP8 DiT (``dit.fp8-<base>.onnx``, ``base`` elsewhere) into a build directory and list it in its
+    manifest as the ``fp8-<base>`` variant of ``dit``. Q/DQ placement is checked before anything is moved into
+    place."""
     build_dir = Path(build_dir)
     manifest = Manifest.load(build_dir)
     if "dit" not in manifest.models:
@@ -89,21 +93,23 @@ def export_fp8_variant(build_dir: str | Path, models: DynaIPModels, table: AmaxT
     if base not in FP8_BASES:
         raise ConfigError(f"FP8 base precision {base!r}: choose one of {list(FP8_BASES)}")
     with staged_files(build_dir, prefix=".fp8-") as staging:
-        files, _ = export_model(DiTSpec(models), staging / variant_file("dit", "fp8"), opset, TORCH_DTYPES[base],
+        files, _ = export_model(DiTSpec(models), staging / variant_file("dit", fp8_variant(base)), opset,
+                                TORCH_DTYPES[base],
                                 module=dit_variant(models, "fp8", table, base),
                                 translation_table=fp8_translation_table())
         check_qdq_placement(onnx.load(str(files[0]), load_external_data=False), sorted(table.layers))
     final = [build_dir / f.name for f in files]
-    add_variant(manifest.models["dit"], "fp8", final)
+    add_variant(manifest.models["dit"], fp8_variant(base), final)
     manifest.save(build_dir)
     logger.info("wrote %s (%d FP8 linear layers, %s elsewhere, opset %d)", final[0], len(table.layers), base, opset)
     return manifest
 
 
 def prepare_fp8(models: DynaIPModels, build_dir: str | Path, calib_dir: str | Path, samples: int = 8,
-                progress: bool = True, what: str | None = None) -> dict:
-    """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add ``dit.fp8.onnx`` to the build
-    and write its quality report (``fp8_quality.json``); returns the report (see
+                progress: bool = True, what: str | None = None, base: str = DEFAULT_FP8_BASE) -> dict:
+    """Calibrate (reusing ``calib_dir`` when it was collected for these weights), add the FP8 DiT graphs to the
+    build (``dit.fp8-<base>.onnx`` for the engine and ``dit.fp8-fp16.onnx``, the CPU oracle) and write the quality
+    report of FP8 on ``base`` (``fp8_quality.json``: PyTorch, where bf16 runs on the CPU); returns the report (see
     :func:`calibration.quantize.quality_report`). ``what`` names ``calib_dir`` in errors."""
     build_dir, calib_dir = Path(build_dir), Path(calib_dir)
     try:
@@ -117,7 +123,8 @@ def prepare_fp8(models: DynaIPModels, build_dir: str | Path, calib_dir: str | Pa
                         what=what or f"calib_dir={str(calib_dir)!r}")
         records = load_records(calib_dir)
     table = recalibrate(models, table, records, calib_dir)
-    export_fp8_variant(build_dir, models, table)
-    report = quality_report(models, table, records, precisions=("fp16", "fp8"))
-    write_report(build_dir / FP8_QUALITY_FILE, models, table, len(records), report, "fp16")
+    for b in dict.fromkeys((base, "fp16")):
+        export_fp8_variant(build_dir, models, table, b)
+    report = quality_report(models, table, records, base=base, precisions=(base, "fp8"))
+    write_report(build_dir / FP8_QUALITY_FILE, models, table, len(records), report, base)
     return report

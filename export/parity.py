@@ -32,8 +32,9 @@ from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, 
 from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, check_profile, check_tensorrt_section, \
     safe_join
 from dynaip_trt.metrics import report
-from dynaip_trt.tensorrt_api import gpu_identity, import_tensorrt_gpu
+from dynaip_trt.tensorrt_api import import_tensorrt_gpu
 
+from .engines import base_precision
 from .references import Arrays, load_references
 
 logger = logging.getLogger("export.parity")
@@ -48,7 +49,8 @@ FP16_REL_L2 = 3e-3  # measured 8.0e-4 (vae; dit 5.4e-4): 11-bit significand
 # dynaip_trt.attention.FP32TimeEmbedding kept FLUX's timestep/guidance * 1000 out of bf16): 8-bit significand.
 BF16_REL_L2 = 1e-1
 FP8_REL_L2 = 5e-2  # measured 1.3e-2 (dit, median 7.2e-3): FP8 E4M3 (4-bit significand) in every block GEMM, fp16 around
-# fp32 engines built with TensorRT's TF32 flag round GEMM inputs to TF32's 11-bit significand, as fp16 does.
+# fp32 engines: TensorRT's TF32 flag is on by default (export.build --no-tf32 clears it), and TF32 rounds GEMM inputs
+# to an 11-bit significand, as fp16 does.
 TF32_REL_L2 = FP16_REL_L2
 TOLERANCES = {"fp32": FP32_REL_L2, "fp16": FP16_REL_L2, "bf16": BF16_REL_L2, "fp8": FP8_REL_L2}
 
@@ -100,16 +102,37 @@ def first_line(error: Exception, limit: int = 120) -> str:
     return (str(error).splitlines() or [""])[0][:limit]
 
 
-def run_runner(runner, feeds: Arrays) -> Arrays:
+def precision_family(precision: str) -> str:
+    """``fp8`` for the FP8 graph keys ``fp8-bf16``/``fp8-fp16``; other precisions are their own family."""
+    return precision.split("-", 1)[0]
+
+
+def tolerance_of(precision: str) -> float:
+    """Relative L2 tolerance of a graph or engine precision; an FP8 graph on a bf16 base gets the larger of the
+    FP8 and bf16 tolerances (both roundings add up)."""
+    return max(TOLERANCES[precision_family(precision)], TOLERANCES[base_precision(precision)])
+
+
+def run_runner(runner, feeds: Arrays, as_torch: bool = False) -> Arrays:
     """Activate a polygraphy runner, run ``feeds`` once (each cast to the dtype its input declares) and return
-    copies of its outputs (runners reuse their output buffers)."""
+    float32 copies of its outputs (runners reuse their output buffers).
+
+    ``as_torch``: feed CPU torch tensors (polygraphy then returns torch tensors): numpy has no bfloat16, so a
+    runner with bf16 inputs or outputs (TensorRT engines) is only usable this way; outputs are compared through
+    a float32 view."""
     from polygraphy.datatype import DataType
 
     with runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
+        if as_torch:
+            import torch
+
+            feed = {n: torch.from_numpy(np.ascontiguousarray(a)).to(DataType.to_dtype(meta[n].dtype, "torch"))
+                    for n, a in feeds.items()}
+            return {n: o.detach().to("cpu", torch.float32).numpy().copy() for n, o in runner.infer(feed).items()}
         feed = {n: np.ascontiguousarray(a, dtype=DataType.to_dtype(meta[n].dtype, "numpy"))
                 for n, a in feeds.items()}
-        return {n: np.array(o) for n, o in runner.infer(feed).items()}
+        return {n: np.array(o, dtype=np.float32) for n, o in runner.infer(feed).items()}
 
 
 def run_onnxruntime(path: Path, feeds: Arrays) -> Arrays:
@@ -124,13 +147,13 @@ def run_tensorrt(path: Path, feeds: Arrays) -> Arrays:
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    return run_runner(TrtRunner(EngineFromBytes(BytesFromPath(str(path)))), feeds)
+    return run_runner(TrtRunner(EngineFromBytes(BytesFromPath(str(path)))), feeds, as_torch=True)
 
 
 def tensorrt_unavailable() -> str | None:
     """Why TensorRT engines cannot run here (no ``tensorrt`` module, no GPU), or ``None`` when they can."""
     try:
-        import_tensorrt_gpu()
+        import_tensorrt_gpu(what="the TensorRT half of the parity check")
     except BackendUnavailableError as e:
         return str(e)
     return None
@@ -183,11 +206,23 @@ def parse_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...
 
 def engine_precision(manifest: Manifest, name: str) -> tuple[str, float]:
     """Precision of ``name``'s engine (that of the graph it was built from, recorded in the manifest's
-    ``tensorrt`` section) and its tolerance (fp32 engines built with the TF32 flag: :data:`TF32_REL_L2`)."""
+    ``tensorrt`` section) and its tolerance. fp32 engines get :data:`TF32_REL_L2` unless built with TF32 cleared
+    (``export.build --no-tf32``): TensorRT's TF32 flag is on by default."""
     plan = (manifest.tensorrt or {}).get("engines", {}).get(name, {})
     precision = plan.get("precision", manifest.models[name].precision)
-    tf32 = precision == "fp32" and "TF32" in plan.get("flags", ())
-    return precision, TF32_REL_L2 if tf32 else TOLERANCES[precision]
+    tf32 = precision == "fp32" and plan.get("tf32", True)
+    return precision, TF32_REL_L2 if tf32 else tolerance_of(precision)
+
+
+def select_graphs(graphs: dict[str, str], precisions: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The graph keys of ``graphs`` (``ModelEntry.graphs()``) whose precision family is in ``precisions``
+    (``None``: all), in :data:`PRECISIONS` order; a requested precision the model has no graph of stays (its row
+    says so)."""
+    wanted = []
+    for p in precisions or PRECISIONS:
+        keys = sorted(k for k in graphs if precision_family(k) == p)
+        wanted += keys or ([p] if precisions else [])
+    return tuple(wanted)
 
 
 def onnxruntime_rows(directory: Path, name: str, graphs: dict[str, str], precisions: tuple[str, ...],
@@ -207,12 +242,12 @@ def onnxruntime_rows(directory: Path, name: str, graphs: dict[str, str], precisi
                 outputs[precision] = run_onnxruntime(safe_join(directory, graphs[precision]), feeds)
             except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NotImplemented,
                     ort_errors.RuntimeException, PolygraphyException) as e:
-                if precision in ORT_CPU_UNSUPPORTED:
-                    row.note = f"{ORT_CPU_UNSUPPORTED[precision]}: {first_line(e)}"
+                if base_precision(precision) in ORT_CPU_UNSUPPORTED:
+                    row.note = f"{ORT_CPU_UNSUPPORTED[base_precision(precision)]}: {first_line(e)}"
                 else:
                     row.result, row.note = FAIL, f"ONNX Runtime failed: {first_line(e)}"
             else:
-                compare(row, outputs[precision], expected, TOLERANCES[precision])
+                compare(row, outputs[precision], expected, tolerance_of(precision))
         rows.append(row)
     return rows, outputs
 
@@ -269,17 +304,17 @@ def run_parity(directory: str | Path, precisions: tuple[str, ...] | None = None,
         raise ConfigError(f"unknown models {unknown}; choose from {list(MODEL_IO)}")
     manifest.verify(directory, list(names))
     available = {n: manifest.models[n].graphs() for n in names}
-    absent = [p for p in precisions or () if not any(p in g for g in available.values())]
+    absent = [p for p in precisions or () if not any(precision_family(k) == p for g in available.values() for k in g)]
     if absent:
         raise ConfigError(f"{directory} has no {absent} graphs of {list(names)}; export them (python -m export.onnx "
-                          f"--fp16/--bf16; fp8: python -m calibration.quantize --export)")
+                          f"--fp16/--bf16; fp8: python -m export.onnx --fp8)")
     if "tensorrt" in backends and any(manifest.models[n].engine for n in names):
-        trt = import_tensorrt_gpu()
-        check_tensorrt_section(manifest.tensorrt, trt.__version__, *gpu_identity(), directory)
+        trt, gpu = import_tensorrt_gpu(what="the TensorRT half of the parity check")
+        check_tensorrt_section(manifest.tensorrt, trt.__version__, gpu.name, gpu.compute_capability, directory)
     rows: list[Row] = []
     for name in progress_bar(names, "parity", progress):
         feeds, expected = load_references(directory, name, manifest.models[name])
-        wanted = precisions or tuple(p for p in PRECISIONS if p in available[name])
+        wanted = select_graphs(available[name], precisions)
         ort_outputs = None
         if "onnxruntime" in backends:
             ort_rows, ort_outputs = onnxruntime_rows(directory, name, available[name], wanted, feeds, expected)

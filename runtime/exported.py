@@ -11,7 +11,7 @@ import numpy as np
 
 from dynaip_trt.conditioning import DiTCondition, ReferenceKV
 from dynaip_trt.errors import ConfigError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest, max_subjects_of
+from dynaip_trt.manifest import MODEL_IO, Manifest, fp8_variant, max_subjects_of
 
 from .stages import DenoiseSession
 
@@ -21,10 +21,12 @@ logger = logging.getLogger(__name__)
 def select_files(manifest: Manifest, precision: str) -> dict[str, str]:
     """``{model: ONNX file}`` for ``precision``. A model without that graph (the text encoders have no fp16: T5
     overflows in it; fp8 quantizes only the DiT) keeps its main graph; a precision no model has raises
-    :class:`ConfigError`."""
+    :class:`ConfigError`. ``"fp8"`` means the FP8 DiT on an fp16 base (``fp8-fp16``: the one ONNX Runtime's CPU
+    provider runs; ``fp8-bf16`` is for TensorRT)."""
+    key = fp8_variant("fp16") if precision == "fp8" else precision
     files, fallback = {}, []
     for name, entry in manifest.models.items():
-        graph = entry.graphs().get(precision)
+        graph = entry.graphs().get(key)
         files[name] = graph or entry.onnx
         if graph is None:
             fallback.append(name)

@@ -80,3 +80,7 @@ def working_directory(path: Path) -> Iterator[Path]:
         yield path
     finally:
         os.chdir(old)
+
+
+# tests/conformance runs inside the TensorRT conformance venvs only (tests/test_tensorrt_conformance.py).
+collect_ignore = ["conformance"]

@@ -136,7 +136,7 @@ def test_from_dir_errors(tmp_path):
 
 def test_tensorrt_backend_without_tensorrt_says_what_to_install(tiny_build, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
-    with pytest.raises(BackendUnavailableError, match=r"pip install -e \.\[tensorrt\].*NVIDIA GPU"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e \.\[tensorrt-cu12\].*NVIDIA GPU"):
         DynaIPEngine.from_dir(tiny_build, backend="tensorrt")
 
 
@@ -153,6 +153,15 @@ def test_tensorrt_manifest_section_is_checked_against_the_system(caplog):
     with caplog.at_level(logging.WARNING, logger="dynaip_trt.manifest"):
         check_tensorrt_section(TRT_SECTION, "10.8.0.43", "NVIDIA H100 NVL", (9, 0), "d")
     assert "built on a NVIDIA H100 80GB HBM3 and run on a NVIDIA H100 NVL" in caplog.text
+
+
+def test_version_compatible_engines_run_on_later_releases_of_the_same_major():
+    compatible = {**TRT_SECTION, "version_compatible": True}
+    for later in ("10.8.0.43", "10.9.0.34", "10.16.1.11"):
+        check_tensorrt_section(compatible, later, "NVIDIA H100 80GB HBM3", (9, 0), "d")
+    for other in ("10.7.0", "11.0.0.114"):
+        with pytest.raises(ManifestError, match=f"built with TensorRT 10.8.0.43 but TensorRT {other} is installed"):
+            check_tensorrt_section(compatible, other, "NVIDIA H100 80GB HBM3", (9, 0), "d")
 
 
 def test_engine_profile_bounds_are_checked():
@@ -176,6 +185,9 @@ def test_manifest_limits_and_precision_variants(tiny_build):
     assert select_files(m, "fp32") == {n: e.onnx for n, e in m.models.items()}
     with pytest.raises(ConfigError, match="no bf16 graphs"):
         select_files(m, "bf16")
+    m.models["dit"].variants.update({"fp8-bf16": "dit.fp8-bf16.onnx", "fp8-fp16": "dit.fp8-fp16.onnx"})
+    assert select_files(m, "fp8")["dit"] == "dit.fp8-fp16.onnx", "fp8 on ONNX Runtime: the fp16-base graph"
+    assert select_files(m, "fp8-bf16")["dit"] == "dit.fp8-bf16.onnx"
 
 
 def test_resource_error_names_the_memory_needed(monkeypatch):
