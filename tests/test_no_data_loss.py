@@ -111,7 +111,7 @@ def test_a_previous_build_is_replaced_and_a_foreign_file_inside_it_is_refused(tm
     (build / "tokenizer" / "my_vocab.txt").write_text("user data")
     before = snapshot(build)
     with pytest.raises(OutputError, match="tokenizer/my_vocab.txt"):
-        export_onnx.export_all(build, models=tiny_models, names=("vae",), progress=False)
+        export_all(build, models=tiny_models, names=("vae",), progress=False)
     assert snapshot(build) == before
 
 
