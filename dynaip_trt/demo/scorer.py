@@ -237,17 +237,29 @@ def export_onnx(model: Scorer, path: Path) -> None:
 
 
 def render_accuracy(path: Path, world: World, scenes_per_count: int = 300, seed: int = 12345,
-                    split: str = "heldout") -> dict[str, dict]:
-    """The scorer's verdict rates on fresh exact renders of ``split`` subjects (1, 2 and 3 per scene), through the
-    ONNX graph at ``path`` and the evaluation's reading code: ``{"1": {metric: rate}, "2": ..., "3": ...}``."""
+                    split: str = "heldout", perturbed: bool = False) -> dict[str, dict]:
+    """The scorer's verdict rates on fresh renders of ``split`` subjects (1, 2 and 3 per scene), through the ONNX
+    graph at ``path`` and the evaluation's reading code: ``{"1": {metric: rate}, "2": ..., "3": ...}``.
+
+    ``perturbed``: the renders get the training's perturbations (subjects moved, resized, turned; images blurred,
+    colour-shifted and noised, each at a random strength up to the recipe's maximum), so the figures say how the
+    scorer copes with images less exact than renders, such as generated ones."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
+    recipe = ScorerRecipe()
+    rng = np.random.default_rng([seed, int(perturbed)])
+    gen = torch.Generator().manual_seed(seed)
     report = {}
     for n in range(1, MAX_COUNT + 1):
         scenes = [world.sample_scene(rng, n, split=split) for _ in range(scenes_per_count)]
-        readings = read(run_scorer(session, [world.render(s)[0] for s in scenes]), n)
+        if perturbed:
+            scenes = [_perturb(world, s, rng, recipe) for s in scenes]
+        images = [world.render(s)[0] for s in scenes]
+        if perturbed:
+            x = degrade(torch.from_numpy(scorer_input(images)), gen, recipe)
+            images = list(((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+        readings = read(run_scorer(session, images), n)
         verdicts = [judge(s, r) for s, r in zip(scenes, readings)]
         report[str(n)] = {k: rate([x for v in verdicts for x in (v[k] if isinstance(v[k], list) else [v[k]])])
                           for k in verdicts[0]}
@@ -281,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=ScorerRecipe.batch)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--reuse", action="store_true", help="reuse the weights a previous run wrote to --out (no "
+                   "training): export and measure again")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
@@ -297,18 +311,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     recipe = ScorerRecipe(steps=args.steps, batch=args.batch)
     world = World(size=SIZE, reference_size=SIZE)
-    start = time.time()
-    model = train(world, recipe, seed=args.seed)
-    seconds = time.time() - start
-    from safetensors.torch import save_model
+    from safetensors.torch import load_model, save_model
 
-    with atomic_path(paths[WEIGHTS_FILE]) as tmp:
-        save_model(model, str(tmp))
+    if args.reuse:
+        if not ours or not paths[WEIGHTS_FILE].is_file():
+            raise InputError(f"--reuse: --out {out} holds no scorer this command trained")
+        previous = json.loads((out / SCORER_METADATA).read_text())
+        model, seconds = Scorer(), previous.get("train_seconds")
+        load_model(model, str(paths[WEIGHTS_FILE]))
+        model.eval()
+        recipe = ScorerRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in previous["recipe"].items()})
+        args.seed = previous["seed"]
+    else:
+        start = time.time()
+        model = train(world, recipe, seed=args.seed)
+        seconds = round(time.time() - start, 1)
+        with atomic_path(paths[WEIGHTS_FILE]) as tmp:
+            save_model(model, str(tmp))
     export_onnx(model, paths[SCORER_FILE])
-    accuracy = {split: render_accuracy(paths[SCORER_FILE], world, split=split) for split in ("heldout", "train")}
-    meta = {"command": f"{PROG} --out DIR --steps {args.steps} --batch {args.batch} "
-                       f"--seed {args.seed}",
-            "seed": args.seed, "recipe": dataclasses.asdict(recipe), "train_seconds": round(seconds, 1),
+    accuracy = {f"{split}{' perturbed' if hard else ''}": render_accuracy(paths[SCORER_FILE], world, split=split,
+                                                                           perturbed=hard)
+                for split in ("heldout", "train") for hard in (False, True)}
+    meta = {"command": f"{PROG} --out DIR --steps {recipe.steps} --batch {recipe.batch} --seed {args.seed}",
+            "seed": args.seed, "recipe": dataclasses.asdict(recipe), "train_seconds": seconds,
             "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters()),
             "input": {"name": INPUT, "shape": ["batch", 3, SIZE, SIZE], "range": [-1, 1]}, "outputs": list(OUTPUTS),
             "accuracy_on_fresh_renders": accuracy, "sha256": sha256(paths[SCORER_FILE])}
@@ -317,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     for split, report in accuracy.items():
         logger.info("%s subjects: %s", split, "; ".join(
             f"{n} subject(s): " + ", ".join(f"{k} {v['rate']:.3f}" for k, v in r.items()) for n, r in report.items()))
-    logger.info("wrote %s (%.0f s of training)", out, seconds)
+    logger.info("wrote %s (%s s of training)", out, seconds)
     return 0
 
 
