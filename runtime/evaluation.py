@@ -370,10 +370,12 @@ def computes_label(engine: DynaIPEngine) -> str:
         parts = ", ".join(f"{m} {p}" for m, p in used.items())
         note = ""
         if st.device_type == "cpu" and any(p != "fp32" for p in used.values()):
-            note = ("; on the CPU provider fp16 tensors are stored in fp16 between ops but ops without an fp16 CPU "
-                    "kernel (most of them) compute in fp32 between inserted casts")
+            # measured on onnxruntime 1.32: its CPU provider has no fp16 kernels for MatMul, Gemm, LayerNormalization
+            # and more, and inserts casts around them (the optimized graph shows them)
+            note = ("; the CPU provider runs the fp16 graphs' MatMul/Gemm/LayerNorm (and other ops without an fp16 "
+                    "CPU kernel) in fp32 between inserted casts: fp16 rounding between ops, fp32 arithmetic")
             if "fp8" in used.values():
-                note += ", and FP8 Q/DQ rounds GEMM inputs and weights to E4M3 while the GEMMs run in fp32"
+                note += "; the fp8 DiT (an fp16 graph) rounds GEMM inputs and weights to E4M3 (Q/DQ), GEMMs in fp32"
         return f"ONNX Runtime {st.device_type.upper()} graphs: {parts}{note}"
     precision = (st.manifest.tensorrt or {}).get("precision", "?")
     return f"TensorRT engines ({precision}, strongly typed) on the GPU"
