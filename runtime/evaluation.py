@@ -314,8 +314,8 @@ class Evaluation:
 
     def run(self, rows: Sequence[Row]) -> list[RowResult]:
         """Every row, grouped by source (one engine alive at a time), results in the order of ``rows``."""
-        order = sorted(range(len(rows)), key=lambda i: list(dict.fromkeys(r.source for r in rows)).index(
-            rows[i].source))
+        first_use = {src: i for i, src in reversed(list(enumerate(r.source for r in rows)))}
+        order = sorted(range(len(rows)), key=lambda i: first_use[rows[i].source])  # stable: row order per source
         results: dict[int, RowResult] = {}
         engine, current = None, None
         for i in order:

@@ -127,7 +127,8 @@ def test_evaluation_set_is_heldout_balanced_and_deterministic():
     counts = np.bincount([it.scene.subjects[0].index for it in ones], minlength=72)
     assert set(np.nonzero(counts)[0]) == held and set(counts[list(held)]) == {2}  # every held-out subject twice
     for it in twos:
-        assert {s.index for s in it.scene.subjects} <= held and it.scene.subjects[0].colour != it.scene.subjects[1].colour
+        a, b = it.scene.subjects
+        assert {a.index, b.index} <= held and a.colour != b.colour
         assert it.prompt.startswith("two objects") and len(it.references) == 2
     assert len({it.seed for it in ones + twos}) == 34
     assert {it.scene.positions[0] for it in ones} == set(LAYOUTS[1])
@@ -280,6 +281,7 @@ def test_evaluate_rewrites_its_own_report_but_nothing_else(evaluated, tiny_build
             "--scenes", "2,0", "--threads", "1"]
     assert main([*base, "--json", str(out)]) == 0  # a report of ours: replaced
     assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["onnxruntime fp32", "adapter scale 0"]
+    assert main([*base, "--json", str(out), "--strict"]) == 1  # random weights miss the targets
     foreign = tmp_path / "notes.json"
     foreign.write_text('{"mine": 1}')
     caplog.clear()
