@@ -348,8 +348,10 @@ class DynaIPAttnProcessor:
 
         txt_len = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :txt_len], out[:, txt_len:]
-        term = self._image_term(img_query, dynaip, record=True) if dynaip is not None and self.ref_index is not None \
-            else None
+        if dynaip is not None and self.ref_index is not None and dynaip.attention_maps is not None:
+            dynaip.attention_maps.append(subject_attention_mass(img_query, dynaip.kv.img_k[self.ref_index],
+                                                                dynaip.scales, dynaip.masks))
+        term = self._image_term(img_query, dynaip) if dynaip is not None and self.ref_index is not None else None
         if term is not None and self.injection == "before_out":
             img_out = img_out + term
         img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
@@ -362,14 +364,12 @@ class DynaIPAttnProcessor:
             return img_out, txt_out, term
         return img_out, txt_out
 
-    def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs, masks: torch.Tensor | None = None,
-                    record: bool = False) -> torch.Tensor:
+    def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs, masks: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """``s_img * Attn(q_img, K_img, V_img)``: ``[B, N_img, C]`` (``masks``: ``[B, S, N_img]`` instead of
-        ``r.masks``; ``record``: append the subjects' attention mass to ``r.attention_maps``)."""
+        ``r.masks``)."""
         i = self.ref_index
         masks = r.masks if masks is None else masks
-        if record and r.attention_maps is not None:
-            r.attention_maps.append(subject_attention_mass(img_query, r.kv.img_k[i], r.scales, masks))
         term = reference_attention(img_query, r.kv.img_k[i], r.kv.img_v[i], r.scales, masks, r.mode)
         if r.block_scales is not None:
             term = term * r.block_scales[i]

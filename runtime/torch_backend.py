@@ -90,7 +90,7 @@ class TorchStages:
         self.fusion = FusionKV(models.adapter, self.dtype)
         self.text = TextEncoders(models.clip_text, models.t5, self.dtype)
         self.dit = DiTStep(self.transformer, self.mode, self.dtype)
-        self.dits = {"dit": self.dit, "dit_dbim": DiTDBIMStep(self.dit.transformer, self.mode, self.dtype)}
+        self.dbim_dit = DiTDBIMStep(self.dit.transformer, self.mode, self.dtype)  # DBIM's mixing steps
         self.vae = VaeDecode(models.vae, self.dtype)
         self.graphs = GraphCache(max_graphs) if cuda_graphs and self.device.type == "cuda" else None
         if fp8:
@@ -152,6 +152,10 @@ class TorchStages:
         base = timer(lambda: (dit_forward(self.transformer, *args, None), sync()))
         return base, timer(lambda: (dit_forward(self.transformer, *args, ref), sync()))
 
+    def dit_module(self, model: str):
+        """The flat DiT step of graph ``model``: ``dit`` (:class:`DiTStep`) or ``dit_dbim`` (:class:`DiTDBIMStep`)."""
+        return self.dit if model == "dit" else self.dbim_dit
+
     def captured(self, feeds: dict[str, torch.Tensor], output: int = 1, model: str = "dit") -> CapturedGraph:
         """The CUDA graph of one step of DiT module ``model`` (``dit`` or ``dit_dbim``) for the bucket of ``feeds``
         (captured on first use): its static inputs are ``feeds``' names, its output the DiT step's output number
@@ -165,7 +169,7 @@ class TorchStages:
             act = ACTIVATION_FACTOR * b * (n + static["text_embeds"].shape[1]) * width * self.dtype.itemsize
             needed = act + sum(t.numel() * t.element_size() for t in static.values())
             ensure_free_memory(self.device, needed, f"capturing the DiT step for batch {b}, {n} image tokens")
-            graph = capture_graph(static, lambda: self.dits[model](**static)[output])
+            graph = capture_graph(static, lambda: self.dit_module(model)(**static)[output])
             self.graphs.put(key, graph)
             logger.info("captured the DiT step for bucket %s (%d bucket(s) cached)", key, len(self.graphs))
         return graph
@@ -181,7 +185,7 @@ class TorchDenoiseSession:
                  model: str = "dit", extra: dict[str, np.ndarray] | None = None):
         self.stages = stages
         self.cond = cond
-        self.module = stages.dits[model]
+        self.module = stages.dit_module(model)
         self.true_cfg = None if true_cfg is None else stages.tensor(np.asarray(true_cfg, np.float32)[:, None, None])
         self.x = None if true_cfg is None else stages.tensor(noise).float()  # the guided latents [B, N, C]
         latents = noise if true_cfg is None else np.concatenate([noise, noise])

@@ -27,8 +27,8 @@ from export.specs import get_spec
 from runtime import DynaIPEngine
 from runtime.generate import main as generate_main
 
-# The exported dit_dbim graph vs its torch module (ONNX Runtime CPU, fp32): the plain DiT's tolerances.
-FP32_REL_L2, FP32_MAX_ABS = 1e-5, 1e-4
+# The exported dit_dbim graphs vs its torch module (ONNX Runtime CPU, fp32 and fp16): the plain DiT's tolerances.
+FP32_REL_L2, FP32_MAX_ABS, FP16_REL_L2 = 1e-5, 1e-4, 5e-3
 # Whole generations vs the reference pipeline: the true-CFG tests' tolerances (torch engine, ONNX Runtime).
 TORCH_REL_L2, ORT_REL_L2 = 1e-6, 1e-4
 
@@ -37,12 +37,15 @@ PROMPT = "a photo of a toy on a beach"
 
 @pytest.fixture(scope="module")
 def dbim_build(tiny_build, tiny_models, tmp_path_factory):
-    """The tiny build plus the dit_dbim graph (the other graphs are reused from the shared build, not re-exported)."""
+    """The tiny build plus the dit_dbim graph in fp32 and fp16 (the other graphs are reused from the shared build,
+    not re-exported)."""
     from export.exporter import export_all
+    from export.specs import FP16_MODELS
 
     out = tmp_path_factory.mktemp("dbim") / "tiny"
     shutil.copytree(tiny_build, out)
-    export_all(out, models=tiny_models, names=REQUIRED_MODELS + ("dit_dbim",), progress=False)
+    export_all(out, models=tiny_models, names=REQUIRED_MODELS + ("dit_dbim",),
+               variants={"fp16": FP16_MODELS + ("dit_dbim",)}, progress=False)
     return out
 
 
@@ -171,6 +174,7 @@ def test_exported_graph_matches_the_module(dbim_build, tiny_models):
     report = check_graph(model, spec.dynamic_axes())
     assert report.ok, report.problems()
     sess = ort.InferenceSession(str(dbim_build / "dit_dbim.onnx"), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(str(dbim_build / "dit_dbim.fp16.onnx"), providers=["CPUExecutionProvider"])
     for batch, subjects, size in ((2, 1, (64, 64)), (4, 3, (96, 128))):
         x = spec.sample_inputs(batch=batch, subjects=subjects, height=size[0], width=size[1], seed=batch)
         out = sess.run(None, {k: v.numpy() for k, v in x.items()})
@@ -179,6 +183,8 @@ def test_exported_graph_matches_the_module(dbim_build, tiny_models):
         for o, r in zip(out, ref):
             assert o.shape == tuple(r.shape) and o.dtype == np.float32
             assert rel_l2(o, r) < FP32_REL_L2 and max_abs(o, r) < FP32_MAX_ABS, (rel_l2(o, r), max_abs(o, r))
+        velocity = fp16.run(None, {k: v.numpy() for k, v in x.items()})[0]
+        assert 1e-6 < rel_l2(velocity, ref[0]) < FP16_REL_L2, rel_l2(velocity, ref[0])
 
 
 def test_backends_match_the_pipeline(tiny_models, dbim_build, make_images):
@@ -232,3 +238,17 @@ def test_generate_cli_flags(tmp_path, tiny_build, caplog):
         caplog.clear()
         assert generate_main([*base, *flags]) == 2, flags
         assert message in caplog.text, caplog.text
+
+
+def test_engine_plans_include_the_dbim_graph_when_exported(dbim_build, tiny_build):
+    """An fp16 engine build of a build with dit_dbim plans its engine (from its fp16 graph), one without does not."""
+    from dynaip_trt.manifest import Manifest
+    from export.engines import graph_precision, plan_engines, required_variants
+
+    names = REQUIRED_MODELS + ("dit_dbim",)
+    assert "dit_dbim" in required_variants("fp16", names)["fp16"]
+    assert graph_precision("dit_dbim", "fp8", "fp16") == "fp16", "fp8 builds run the mixing steps on their base"
+    plans = {p.model: p for p in plan_engines(Manifest.load(dbim_build), dbim_build, "fp16")}
+    assert set(plans) == set(names) and plans["dit_dbim"].onnx == "dit_dbim.fp16.onnx"
+    assert plans["dit_dbim"].engine == "dit_dbim.fp16.engine"
+    assert "dit_dbim" not in {p.model for p in plan_engines(Manifest.load(tiny_build), tiny_build, "fp16")}
