@@ -242,21 +242,12 @@ def engine_factories(args: argparse.Namespace, srcs: dict[str, Source]) -> dict[
 def constrained_engine(args: argparse.Namespace) -> DynaIPEngine:
     """The torch rows' model with ``--constrained-adapter`` as its adapter, attending in the mode it was trained in
     (the constraint trains ``concat`` mode; the adapter file's header says)."""
-    import dataclasses
+    from .torch_backend import load_models_on, with_adapter_file
 
-    from dynaip_trt.weights import load_adapter, read_adapter_config
-
-    from .torch_backend import load_models_on
-
-    device, path = args.device or "cpu", args.constrained_adapter
+    device = args.device or "cpu"
     models = load_models_on(device, None, base=args.base, clip=args.clip) if args.base else \
         load_models_on(device, None, config=args.config, seed=args.weights_seed)
-    cfg = models.config
-    mode = read_adapter_config(path).attention_mode
-    models = dataclasses.replace(models, config=dataclasses.replace(cfg, adapter=dataclasses.replace(
-        cfg.adapter, attention_mode=mode)))
-    load_adapter(path, models.adapter)
-    return DynaIPEngine.from_models(models)
+    return DynaIPEngine.from_models(with_adapter_file(models, args.constrained_adapter))
 
 
 def weights_label(args: argparse.Namespace) -> str:

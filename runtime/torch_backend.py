@@ -8,6 +8,7 @@ steps: the flat DBIM step, with its own CUDA graphs).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ from dynaip_trt.fp8 import quantize_fp8
 from dynaip_trt.models import DynaIPModels, dit_forward
 from dynaip_trt.sampling import euler_step, image_token_count, latent_image_ids, text_ids, true_cfg_velocity
 from dynaip_trt.stage_modules import ClipLevels, DiTDBIMStep, DiTStep, FusionKV, TextEncoders, VaeDecode
-from dynaip_trt.weights import load_family
+from dynaip_trt.weights import load_adapter, load_family, read_adapter_config
 
 from .cuda_graphs import CapturedGraph, GraphCache, capture_graph, ensure_free_memory, shape_key, tensor_bytes
 from .stages import DBIMDenoiseSession
@@ -43,6 +44,17 @@ def model_bytes(models: DynaIPModels, dtype: torch.dtype | None = None) -> int:
         for t in [*m.parameters(), *m.buffers()]:
             total += tensor_bytes(t.shape, dtype if dtype is not None and t.is_floating_point() else t.dtype)
     return total
+
+
+def with_adapter_file(models: DynaIPModels, path: str | Path) -> DynaIPModels:
+    """``models`` with the adapter weights of ``path`` loaded (in place) and attending in the mode the file's header
+    records (an adapter trained with the attention constraint attends in ``concat`` mode)."""
+    mode = read_adapter_config(path).attention_mode
+    cfg = models.config
+    models = dataclasses.replace(models, config=dataclasses.replace(cfg, adapter=dataclasses.replace(
+        cfg.adapter, attention_mode=mode)))
+    load_adapter(path, models.adapter)
+    return models
 
 
 def load_models_on(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
