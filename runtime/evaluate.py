@@ -13,7 +13,8 @@ engines), ``dds`` (text branch kept vs dropped; torch), ``scale`` (``--scales``)
 only), ``blocks`` (one injected block only), ``dbim`` (DBIM at each of ``--dbim-lambdas``, the subject word the
 prompt's generic noun; ``--aux-noun``), ``constraint`` (the torch rows with ``--constrained-adapter``, an adapter
 trained with MM-Diff's attention constraint: compare its two-subject rates). The torch rows run ``--config`` (or
-``--base``/``--clip``/``--adapter``); with ``--no-torch`` the first build's ONNX Runtime fp32 graphs are the reference and torch is never imported.
+``--base``/``--clip``/``--adapter``); with ``--no-torch`` the first build's ONNX Runtime fp32 graphs are the
+reference and torch is never imported.
 
 Prints a table (rates; what each row computes; targets met or not) and writes ``--json``. ``--clip-model`` and
 ``--dino-model`` (local transformers folders) add CLIP-I, CLIP-T and DINO. Arguments, folders and the output path
