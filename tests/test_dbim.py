@@ -206,6 +206,8 @@ def test_backends_match_the_pipeline(tiny_models, dbim_build, make_images):
     ort_engine = DynaIPEngine.from_dir(dbim_build, backend="onnxruntime", device="cpu")
     got = ort_engine.generate_batch(requests, output_type="latent")
     assert rel_l2(got, want) < ORT_REL_L2, rel_l2(got, want)
+    alone = ort_engine.generate_batch(requests[1:], output_type="latent")
+    assert rel_l2(alone, want[1:]) < ORT_REL_L2, "a row gets what it would get alone"
     with pytest.raises(InputError, match=r"3 request\(s\) with DBIM run 6 DiT rows .* batches of 1..4"):
         ort_engine.generate_batch(requests + requests[:1], output_type="latent")
 
