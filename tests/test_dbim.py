@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import captured_logs
 
 from dynaip_trt.attention import DBIM, DBIMInputs, ReferenceInputs, dbim_mix
 from dynaip_trt.conditioning import ReferenceKV
@@ -36,16 +37,17 @@ PROMPT = "a photo of a toy on a beach"
 
 
 @pytest.fixture(scope="module")
-def dbim_build(tiny_build, tiny_models, tmp_path_factory):
-    """The tiny build plus the dit_dbim graph in fp32 and fp16 (the other graphs are reused from the shared build,
-    not re-exported)."""
-    from export.exporter import export_all
-    from export.specs import FP16_MODELS
+def dbim_build(tiny_build, tmp_path_factory):
+    """The tiny build plus the dit_dbim graph in fp32 and fp16, by the command line (``export.onnx --dbim --fp16``:
+    the other graphs are unchanged, so they are reused from the shared build, not re-exported)."""
+    from export.onnx import main as export_main
 
     out = tmp_path_factory.mktemp("dbim") / "tiny"
     shutil.copytree(tiny_build, out)
-    export_all(out, models=tiny_models, names=REQUIRED_MODELS + ("dit_dbim",),
-               variants={"fp16": FP16_MODELS + ("dit_dbim",)}, progress=False)
+    with captured_logs("export") as messages:
+        assert export_main(["--config", "tiny-random", "--engine-dir", str(out), "--dbim", "--fp16"]) == 0
+    reused = [m for m in messages if "unchanged since the previous build, reused" in m]
+    assert len(reused) == 2 * len(REQUIRED_MODELS) - 1, messages  # every graph but dit_dbim's (text has no fp16)
     return out
 
 
@@ -222,11 +224,13 @@ def test_a_build_without_the_dbim_graph_refuses_dbim_requests(tiny_build, make_i
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "subject_a.png"
 
 
-def test_generate_cli_flags(tmp_path, tiny_build, caplog):
+def test_generate_cli_flags(tmp_path, tiny_build, dbim_build, caplog):
     out = tmp_path / "o.png"
     base = ["--prompt", "a toy on a beach", "--ref", str(EXAMPLE), "--out", str(out), "--steps", "2"]
-    assert generate_main([*base, "--dbim-lambda", "1", "--subject-word", "toy", "--dbim-steps", "0.5"]) == 0
-    assert out.is_file()
+    dbim = ["--dbim-lambda", "1", "--subject-word", "toy", "--dbim-steps", "0.5"]
+    assert generate_main([*base, *dbim]) == 0 and out.is_file()  # torch backend, the embedded default
+    out.unlink()
+    assert generate_main([*base, *dbim, "--aux-noun", "dog", "--engine-dir", str(dbim_build)]) == 0 and out.is_file()
     for flags, message in (
             (["--dbim-lambda", "nan", "--subject-word", "toy"], "--dbim-lambda nan must be a finite number"),
             (["--dbim-lambda", "1", "--subject-word", "toy", "--dbim-steps", "2"],
