@@ -63,16 +63,18 @@ WHITE = np.array([248.0, 248.0, 248.0])
 STRIPE_TINT = 0.7  # striped: every other band is the colour mixed this much with white
 OUTLINE_WIDTH = 0.25  # outlined: border width in the shape's unit coordinates (the shape spans [-1, 1])
 STRIPE_BANDS = 5
+EXTENT = 1.6  # every shape lies within this radius of its centre, in its unit coordinates
 
-# horizontal centre (fraction of the width) of each position, per number of subjects in the scene
+# Layouts per number of subjects in a scene: the horizontal centre of each position (fraction of the width), the
+# subject size range (fraction of the side) and the placement jitter (fraction of the side, each axis). Chosen so
+# that subjects never touch each other or the border (every shape lies within x, y in [-1.05, 1.05]).
 LAYOUTS: dict[int, dict[str, float]] = {
-    1: {"left": 0.28, "middle": 0.5, "right": 0.72},
-    2: {"left": 0.28, "right": 0.72},
-    3: {"left": 0.19, "middle": 0.5, "right": 0.81},
+    1: {"left": 0.3, "middle": 0.5, "right": 0.7},
+    2: {"left": 0.26, "right": 0.74},
+    3: {"left": 0.18, "middle": 0.5, "right": 0.82},
 }
-# subject size (fraction of the image side) per number of subjects: (min, max)
-SIZES: dict[int, tuple[float, float]] = {1: (0.44, 0.56), 2: (0.36, 0.42), 3: (0.26, 0.3)}
-JITTER = 0.03  # placement jitter (fraction of the side), each axis
+SIZES: dict[int, tuple[float, float]] = {1: (0.42, 0.5), 2: (0.36, 0.42), 3: (0.24, 0.27)}
+JITTER: dict[int, float] = {1: 0.03, 2: 0.02, 3: 0.01}
 CENTRE_Y = 0.55
 
 
@@ -190,9 +192,9 @@ def _sdf(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if shape == "square":
         dx, dy = np.abs(x) - 0.8, np.abs(y) - 0.8
         return np.hypot(np.maximum(dx, 0), np.maximum(dy, 0)) + np.minimum(np.maximum(dx, dy), 0)
-    if shape == "triangle":  # equilateral, pointing up, bounding box centred
-        r, k = 1.15, math.sqrt(3.0)
-        px, py = np.abs(x) - r, -y - 0.32 + r / k  # y up, centred on the bounding box
+    if shape == "triangle":  # equilateral (side 2.1), pointing up, bounding box centred
+        r, k = 1.05, math.sqrt(3.0)
+        px, py = np.abs(x) - r, -y + r / (2 * k) + r / k  # y up; the bounding box centred on the origin
         flip = px + k * py > 0
         px, py = np.where(flip, (px - k * py) / 2, px), np.where(flip, (-k * px - py) / 2, py)
         px = px - np.clip(px, -2 * r, 0)
@@ -212,8 +214,16 @@ def _subject_layer(subject: Subject, cx: float, cy: float, size: float, rotation
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Colour ``[H, W, 3]`` float and coverage ``[H, W]`` in [0, 1] of one subject (4x4 supersampled)."""
     ss = SUPERSAMPLE
-    ys = (np.arange(height * ss) + 0.5) / ss
-    xs = (np.arange(width * ss) + 0.5) / ss
+    # only the pixels of the subject's bounding box (every shape lies within EXTENT half-sizes of its centre)
+    reach = EXTENT * size / 2
+    x0, x1 = max(0, math.floor(cx - reach)), min(width, math.ceil(cx + reach))
+    y0, y1 = max(0, math.floor(cy - reach)), min(height, math.ceil(cy + reach))
+    colour_full, cover_full = np.zeros((height, width, 3)), np.zeros((height, width))
+    if x0 >= x1 or y0 >= y1:
+        return colour_full, cover_full
+    h, w = y1 - y0, x1 - x0
+    ys = y0 + (np.arange(h * ss) + 0.5) / ss
+    xs = x0 + (np.arange(w * ss) + 0.5) / ss
     gx, gy = np.meshgrid(xs - cx, ys - cy)
     a = math.radians(rotation)
     half = size / 2
@@ -230,11 +240,12 @@ def _subject_layer(subject: Subject, cx: float, cy: float, size: float, rotation
     elif subject.pattern == "outlined":
         colour[d < -OUTLINE_WIDTH] = WHITE
     colour *= inside[..., None]
-    cover = inside.reshape(height, ss, width, ss).mean(axis=(1, 3))
-    summed = colour.reshape(height, ss, width, ss, 3).sum(axis=(1, 3)) / (ss * ss)
+    cover = inside.reshape(h, ss, w, ss).mean(axis=(1, 3))
+    summed = colour.reshape(h, ss, w, ss, 3).sum(axis=(1, 3)) / (ss * ss)
     # premultiplied: the mean colour over the covered sub-samples
-    mean_colour = np.where(cover[..., None] > 0, summed / np.maximum(cover[..., None], 1e-9), 0.0)
-    return mean_colour, cover
+    colour_full[y0:y1, x0:x1] = np.where(cover[..., None] > 0, summed / np.maximum(cover[..., None], 1e-9), 0.0)
+    cover_full[y0:y1, x0:x1] = cover
+    return colour_full, cover_full
 
 
 # ----------------------------------------------------------------------------------------------------- backgrounds
@@ -362,10 +373,11 @@ class World:
         if setting not in SETTINGS:
             raise InputError(f"unknown setting {setting!r}; expected one of {tuple(SETTINGS)}")
         lo, hi = SIZES[num_subjects]
+        jitter = JITTER[num_subjects]
         s = self.size
         placements = tuple(
-            Placement(subject=sub, position=pos, cx=(layout[pos] + rng.uniform(-JITTER, JITTER)) * s,
-                      cy=(CENTRE_Y + rng.uniform(-JITTER, JITTER)) * s, size=rng.uniform(lo, hi) * s)
+            Placement(subject=sub, position=pos, cx=(layout[pos] + rng.uniform(-jitter, jitter)) * s,
+                      cy=(CENTRE_Y + rng.uniform(-jitter, jitter)) * s, size=rng.uniform(lo, hi) * s)
             for sub, pos in zip(subjects, positions)
         )
         return Scene(setting=setting, placements=placements, texture_seed=int(rng.integers(2**31)))
