@@ -1,8 +1,10 @@
 """Model configurations as dataclasses.
 
-Two named configs ship: ``tiny`` (the same classes as FLUX.1-dev at toy sizes: seconds on a CPU, used by tests
-and as the embedded default) and ``flux-dev`` (real FLUX.1-dev sizes with CLIP ViT-L/14, used for GPU
-benchmarks with random weights). Select them with :func:`get_config`.
+Three named configs ship: ``tiny`` (the embedded default: the same classes as FLUX.1-dev at toy sizes, with weights
+trained on the synthetic world of :mod:`dynaip_trt.demo.world` and shipped as package data; see
+``docs/model-card-tiny.md``), ``tiny-random`` (toy sizes with seeded random weights: seconds on a CPU, for unit
+tests) and ``flux-dev`` (real FLUX.1-dev sizes with CLIP ViT-L/14, used for GPU benchmarks with random weights).
+Select them with :func:`get_config`.
 """
 
 from __future__ import annotations
@@ -188,9 +190,9 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def _tiny() -> DynaIPConfig:
+def _tiny_random() -> DynaIPConfig:
     return DynaIPConfig(
-        name="tiny",
+        name="tiny-random",
         transformer=TransformerConfig(
             num_layers=2,
             num_single_layers=2,
@@ -228,6 +230,53 @@ def _tiny() -> DynaIPConfig:
     )
 
 
+def _tiny() -> DynaIPConfig:
+    """The trained embedded default (``python -m dynaip_trt.demo.train``): 32x32 images, a factor-2 VAE (4x4-pixel
+    tokens, 64 image tokens), a 2.7M-parameter MM-DiT (3 double + 3 single blocks, width 128), 77-token prompts over
+    a word-level vocabulary, a 4-layer CLIP vision tower on 32x32 references (4x4 patches). The VAE's latent
+    scaling and shift are the ones the training measured (rounded); ``extra["embedded"]`` names the package-data
+    folder of the weights."""
+    return DynaIPConfig(
+        name="tiny",
+        transformer=TransformerConfig(
+            num_layers=3,
+            num_single_layers=3,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            pooled_projection_dim=64,
+            axes_dims_rope=(8, 12, 12),
+        ),
+        vision=VisionConfig(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=4
+        ),
+        text=TextConfig(
+            clip_vocab_size=64,
+            clip_hidden_size=64,
+            clip_intermediate_size=128,
+            clip_layers=1,
+            clip_heads=2,
+            clip_max_length=77,
+            t5_vocab_size=64,
+            t5_d_model=64,
+            t5_d_ff=128,
+            t5_layers=1,
+            t5_heads=2,
+            t5_d_kv=32,
+            max_text_length=77,
+        ),
+        vae=VaeConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, scaling_factor=1.0,
+                      shift_factor=0.0),
+        adapter=AdapterConfig(tap_layers=(1, 2, -2), num_tokens=8, expert_dim=64, expert_depth=1, expert_heads=4),
+        height=32,
+        width=32,
+        steps=12,
+        guidance=3.5,
+        max_subjects=4,
+        extra={"embedded": "tiny"},
+    )
+
+
 def _flux_dev() -> DynaIPConfig:
     return DynaIPConfig(
         name="flux-dev",
@@ -239,11 +288,11 @@ def _flux_dev() -> DynaIPConfig:
     )
 
 
-CONFIGS = {"tiny": _tiny, "flux-dev": _flux_dev}
+CONFIGS = {"tiny": _tiny, "tiny-random": _tiny_random, "flux-dev": _flux_dev}
 
 
 def get_config(name: str) -> DynaIPConfig:
-    """Return the named config (``tiny`` or ``flux-dev``)."""
+    """Return the named config (``tiny``, ``tiny-random`` or ``flux-dev``)."""
     try:
         return CONFIGS[name]()
     except KeyError:

@@ -66,8 +66,8 @@ def build_text_encoders(cfg: DynaIPConfig) -> tuple[CLIPTextModel, T5EncoderMode
             num_attention_heads=t.clip_heads,
             max_position_embeddings=t.clip_max_length,
             projection_dim=t.clip_hidden_size,
-            pad_token_id=0 if cfg.name == "tiny" else 1,
-            eos_token_id=ByteTokenizer.eos_id if cfg.name == "tiny" else 2,
+            pad_token_id=0 if cfg.name.startswith("tiny") else 1,
+            eos_token_id=ByteTokenizer.eos_id if cfg.name.startswith("tiny") else 2,
             bos_token_id=0,
         )
     )
@@ -117,12 +117,17 @@ def finalize(models: DynaIPModels) -> DynaIPModels:
 
 
 def build_models(cfg: DynaIPConfig, seed: int = 0, random_adapter_kv: bool = True) -> DynaIPModels:
-    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU).
+    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU); a config with embedded
+    trained weights (``extra["embedded"]``, e.g. ``tiny``) loads them instead (``seed`` is then unused).
 
     Args:
         random_adapter_kv: give the (normally zero-initialised) reference K/V projections small random
             weights so the references visibly influence the output, as a trained adapter does.
     """
+    if cfg.extra.get("embedded"):
+        from .weights import load_embedded
+
+        return load_embedded(cfg)
     torch.manual_seed(seed)
     transformer = build_transformer(cfg)
     vision = build_vision(cfg)

@@ -1,7 +1,8 @@
 """Tokenizers and the FLUX text encoding (CLIP-L pooled vector + T5 sequence).
 
 Real checkpoints bring their own tokenizers (``tokenizer/`` and ``tokenizer_2/`` of a diffusers FLUX folder).
-Tiny models use :class:`ByteTokenizer` (UTF-8 bytes, no vocabulary file, nothing to download).
+Models with seeded random weights use :class:`ByteTokenizer` (UTF-8 bytes, no vocabulary file, nothing to download);
+the trained tiny default uses a :class:`WordLevelTokenizer` over its synthetic world's vocabulary (``tokenizer.json``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from .errors import InputError, WeightsError
 
 BYTE_TOKENIZER_FILE = "dynaip_byte_tokenizer.json"
+WORDLEVEL_FILE = "tokenizer.json"
 
 
 class Tokenizer(Protocol):
@@ -45,6 +47,47 @@ class ByteTokenizer:
         (Path(folder) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": "byte", "vocab_size": self.vocab_size}))
 
 
+class WordLevelTokenizer:
+    """A ``tokenizers.Tokenizer`` with a closed vocabulary (WordLevel, lower case, whitespace/punctuation
+    pre-tokenizer, ``[EOS]`` appended): pad=0, eos=1, unknown words -> ``[UNK]``. Saved as ``tokenizer.json``."""
+
+    pad_id = 0
+    eos_id = 1
+
+    def __init__(self, tok) -> None:
+        if tok.token_to_id("[PAD]") != self.pad_id or tok.token_to_id("[EOS]") != self.eos_id:
+            raise WeightsError("a word-level tokenizer needs [PAD] = 0 and [EOS] = 1 in its vocabulary")
+        self.tok = tok
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "WordLevelTokenizer":
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a plain Exception for unreadable files
+            raise WeightsError(f"cannot load a tokenizer from {path}: {e}") from e
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
+        ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int64)
+        for i, enc in enumerate(self.tok.encode_batch(texts)):
+            toks = enc.ids if len(enc.ids) <= max_length else enc.ids[: max_length - 1] + [self.eos_id]
+            ids[i, : len(toks)] = toks
+        return ids
+
+    def count(self, text: str) -> int:
+        """Tokens the text needs including EOS."""
+        return len(self.tok.encode(text).ids)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(Path(folder) / WORDLEVEL_FILE))
+
+
 class HFTokenizer:
     """Wraps a transformers tokenizer loaded from a local folder."""
 
@@ -59,11 +102,14 @@ class HFTokenizer:
         return len(self.tok(text, truncation=False)["input_ids"])
 
 
-def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
-    """Load the tokenizer saved in ``folder`` (byte tokenizer marker or a transformers tokenizer)."""
+def load_tokenizer(folder: str | Path) -> ByteTokenizer | WordLevelTokenizer | HFTokenizer:
+    """Load the tokenizer saved in ``folder`` (byte tokenizer marker, a lone ``tokenizer.json`` of a
+    :class:`WordLevelTokenizer`, or a transformers tokenizer)."""
     folder = Path(folder)
     if (folder / BYTE_TOKENIZER_FILE).is_file():
         return ByteTokenizer()
+    if (folder / WORDLEVEL_FILE).is_file() and not (folder / "tokenizer_config.json").is_file():
+        return WordLevelTokenizer.from_file(folder / WORDLEVEL_FILE)
     if not folder.is_dir():
         raise WeightsError(f"tokenizer folder {folder} does not exist")
     try:
@@ -74,10 +120,10 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
         raise WeightsError(f"cannot load a tokenizer from {folder}: {e}") from e
 
 
-def save_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, folder: str | Path) -> Path:
+def save_tokenizer(tokenizer: ByteTokenizer | WordLevelTokenizer | HFTokenizer, folder: str | Path) -> Path:
     """Write ``tokenizer`` to ``folder`` in the form :func:`load_tokenizer` reads."""
     folder = Path(folder)
-    if isinstance(tokenizer, ByteTokenizer):
+    if isinstance(tokenizer, (ByteTokenizer, WordLevelTokenizer)):
         tokenizer.save(folder)
     else:
         tokenizer.tok.save_pretrained(str(folder))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_model, save_file, save_model
 
 from .adapter import DynaIPAdapter
 from .configs import AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig, VaeConfig, VisionConfig
@@ -203,4 +203,73 @@ def load_models(base_dir: str | Path, clip_dir: str | Path, adapter_path: str | 
     models = DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter,
                           load_tokenizer(base_dir / "tokenizer"), load_tokenizer(base_dir / "tokenizer_2"))
     logger.info("loaded %s from %s (+ CLIP %s, adapter %s)", cfg.name, base_dir, clip_dir, adapter_path)
+    return finalize(models)
+
+
+# ------------------------------------------------------------------------------------------ embedded defaults
+EMBEDDED_ROOT = Path(__file__).parent / "data"
+EMBEDDED_COMPONENTS = ("transformer", "vae", "clip_text", "t5", "vision")
+EMBEDDED_INDEX = "weights.json"
+
+
+def save_embedded(models: DynaIPModels, folder: str | Path) -> Path:
+    """Write a trained family as an embedded default: ``config.json``, one safetensors per component
+    (:data:`EMBEDDED_COMPONENTS` + ``adapter.safetensors`` with its header), the tokenizer, and
+    ``weights.json`` (SHA-256 of every file). What :func:`load_embedded` reads."""
+    from .manifest import sha256_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in EMBEDDED_COMPONENTS:
+        with atomic_path(folder / f"{name}.safetensors") as tmp:
+            save_model(getattr(models, name), str(tmp))  # tied weights (T5's embeddings) stored once
+        files.append(f"{name}.safetensors")
+    save_adapter(models.adapter, folder / "adapter.safetensors")
+    save_tokenizer(models.t5_tokenizer, folder)
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(models.config.to_dict(), indent=1, sort_keys=True))
+    files += ["adapter.safetensors", "tokenizer.json", "config.json"]
+    with atomic_path(folder / EMBEDDED_INDEX) as tmp:
+        tmp.write_text(json.dumps({f: sha256_file(folder / f) for f in files}, indent=1))
+    return folder
+
+
+def load_embedded(cfg: DynaIPConfig, folder: str | Path | None = None) -> DynaIPModels:
+    """The trained family of an embedded config (``cfg.extra["embedded"]`` names its folder under
+    ``dynaip_trt/data``). Every file is checked against ``weights.json`` and the saved config must equal ``cfg``;
+    :class:`WeightsError` names the file otherwise."""
+    from .manifest import sha256_file
+    from .models import build_text_encoders, build_transformer, build_vae, build_vision
+    from .text import WordLevelTokenizer
+
+    folder = Path(folder) if folder is not None else EMBEDDED_ROOT / cfg.extra["embedded"]
+    index_path = folder / EMBEDDED_INDEX
+    if not index_path.is_file():
+        raise WeightsError(f"the weights of the embedded {cfg.name!r} config are missing ({index_path}); reinstall "
+                           f"the package or train them: python -m dynaip_trt.demo.train --out DIR")
+    index = json.loads(index_path.read_text())
+    for name, digest in index.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise WeightsError(f"{path} is missing or does not match its SHA-256 in {index_path} (corrupt or "
+                               f"modified)")
+    saved = json.loads((folder / "config.json").read_text())
+    if saved != json.loads(json.dumps(cfg.to_dict())):
+        raise WeightsError(f"{folder / 'config.json'} does not match the {cfg.name!r} config in "
+                           f"dynaip_trt/configs.py (weights trained for another config)")
+    clip_text, t5 = build_text_encoders(cfg)
+    modules = {"transformer": build_transformer(cfg), "vae": build_vae(cfg), "clip_text": clip_text, "t5": t5,
+               "vision": build_vision(cfg)}
+    for name, module in modules.items():
+        path = folder / f"{name}.safetensors"
+        try:
+            load_model(module, str(path), strict=True)
+        except (RuntimeError, SafetensorError) as e:
+            raise WeightsError(f"{path} does not fit the {cfg.name!r} {name}: {e}") from e
+    adapter = load_adapter(folder / "adapter.safetensors", build_adapter(cfg))
+    tok = WordLevelTokenizer.from_file(folder / "tokenizer.json")
+    models = DynaIPModels(cfg, modules["transformer"], modules["vision"], clip_text, t5, modules["vae"], adapter,
+                          tok, tok)
+    logger.info("loaded the embedded %r weights from %s", cfg.name, folder)
     return finalize(models)

@@ -21,7 +21,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    return get_config("tiny")
+    return get_config("tiny-random")
 
 
 @pytest.fixture(scope="session")
