@@ -117,9 +117,27 @@ def test_a_finished_stage_is_skipped_and_rerun_alone(encoders_run, tmp_path):
 def test_cli_errors_are_one_line(tmp_path, capsys, caplog):
     assert main(["--out", str(tmp_path / "empty"), "--stage", "adapter", "--no-progress"]) == 2
     assert "needs the stages ['text', 'vae', 'vision', 'base'] finished first" in caplog.text
+    caplog.clear()
+    assert main(["--out", str(tmp_path / "empty"), "--stage", "base", "--no-progress"]) == 2
+    assert "needs the stages ['text', 'vae'] finished first" in caplog.text
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     caplog.clear()
     assert main(["--out", str(blocker / "run"), "--no-progress"]) == 2
     assert "--out" in caplog.text and "cannot write there" in caplog.text
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_token_weights_follow_the_packed_token_order():
+    """Weights of image token i must describe the pixels that packed latent token i holds (FLUX's 2x2 packing of a
+    factor-2 VAE latent: 4x4 pixels per token, row-major)."""
+    from dynaip_trt.demo.train import token_weights
+    from dynaip_trt.sampling import pack_latents
+
+    rng = np.random.default_rng(0)
+    mask = (rng.random((1, 32, 32)) > 0.7).astype(np.float32)
+    w = token_weights([mask], patch=4, subject_weight=3.0)
+    assert w.shape == (1, 64)
+    latent = torch.from_numpy(mask).reshape(1, 1, 16, 2, 16, 2).mean((3, 5)).expand(1, 16, 16, 16)
+    coverage = pack_latents(latent.contiguous()).mean(-1)  # [1, 64]
+    assert torch.allclose(w, 1.0 + 3.0 * coverage, atol=1e-6)

@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynaip_trt.demo.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a training run folder (python -m dynaip_trt.demo.train --out)")
     p.add_argument("--json", help="write the report here")
+    p.add_argument("--probe", help="probe weights (trained and saved there if missing; default RUN/probe.safetensors)")
     p.add_argument("--probe-steps", type=int, default=1500)
     p.add_argument("--limit", type=int, help="evaluate about this many scenes per kind (quick look)")
     p.add_argument("--seed", type=int, default=0)
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     world = World(size=cfg.height, reference_size=cfg.vision.image_size)
     run = Run(run_dir, cfg, FULL, 0, world)
     models = load_family(run)
-    probe_path = run_dir / "probe.safetensors"
+    probe_path = Path(args.probe) if args.probe else run_dir / "probe.safetensors"
     if probe_path.is_file():
         probe = Probe.load(probe_path)
     else:
