@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("dynaip_trt.pipeline").setLevel(logging.WARNING)  # one line per generated image otherwise
     run_dir = Path(args.run)
     if not (run_dir / "base.safetensors").is_file():
         raise ConfigError(f"--run {run_dir}: no finished base stage there (base.safetensors)")
