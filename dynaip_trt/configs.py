@@ -267,7 +267,9 @@ def _tiny() -> DynaIPConfig:
         ),
         vae=VaeConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, scaling_factor=1.0,
                       shift_factor=0.0),
-        adapter=AdapterConfig(tap_layers=(1, 2, -2), num_tokens=8, expert_dim=64, expert_depth=1, expert_heads=4),
+        # concat: several subjects compete in one softmax, so image tokens can take one subject and not the other
+        adapter=AdapterConfig(tap_layers=(1, 2, -2), num_tokens=8, expert_dim=64, expert_depth=1, expert_heads=4,
+                              attention_mode="concat"),
         height=32,
         width=32,
         steps=12,
