@@ -132,8 +132,8 @@ class Recipe:
 FULL = Recipe(
     vae=StageRecipe(steps=1500, batch=32, lr=1e-3, warmup=50),
     vision=StageRecipe(steps=1500, batch=64, lr=1e-3, warmup=50),
-    base=StageRecipe(steps=5000, batch=32, lr=1e-3, warmup=200, ema=0.999),
-    adapter=StageRecipe(steps=3500, batch=32, lr=1e-3, warmup=200, ema=0.999),
+    base=StageRecipe(steps=3000, batch=32, lr=1e-3, warmup=200, ema=0.999),
+    adapter=StageRecipe(steps=2500, batch=32, lr=1e-3, warmup=200, ema=0.999),
 )
 PROXY = Recipe(
     vae=StageRecipe(steps=300, batch=32, lr=1e-3, warmup=30),
