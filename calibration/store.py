@@ -12,19 +12,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import ConfigError
-from dynaip_trt.fp8 import FP8_E4M3_MAX
 from dynaip_trt.files import atomic_path
+from dynaip_trt.manifest import FP8_E4M3_MAX
+
+if TYPE_CHECKING:
+    import torch
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
 RECORDS_FILE = "dit_inputs.npz"
 AMAX_FILE = "amax.json"
+QUALITY_FILE = "quality.json"
 AMAX_FORMAT = "dynaip-trt-fp8-amax"
 AMAX_VERSION = 1
 
@@ -63,7 +67,9 @@ def save_records(directory: str | Path, records: list[dict[str, torch.Tensor]]) 
 
 
 def load_records(directory: str | Path) -> list[dict[str, torch.Tensor]]:
-    """The recorded DiT inputs of a calibration directory, in recording order."""
+    """The recorded DiT inputs of a calibration directory, in recording order (torch tensors)."""
+    from torch import from_numpy as torch_from_numpy
+
     path = Path(directory) / RECORDS_FILE
     if not path.is_file():
         raise ConfigError(f"{directory} has no {RECORDS_FILE}: run python -m calibration.collect --out {directory}")
@@ -71,8 +77,18 @@ def load_records(directory: str | Path) -> list[dict[str, torch.Tensor]]:
     with np.load(path) as data:
         for key in data.files:
             index, name = key.split("/", 1)
-            records.setdefault(int(index), {})[name] = torch.from_numpy(data[key])
+            records.setdefault(int(index), {})[name] = torch_from_numpy(data[key])
     return [records[i] for i in sorted(records)]
+
+
+def owned_files(directory: str | Path) -> set[str]:
+    """The files calibration wrote in ``directory`` (none unless it holds a valid amax table of ours), for
+    :func:`dynaip_trt.files.claim_dir`."""
+    try:
+        AmaxTable.load(directory)
+    except ConfigError:
+        return set()
+    return {AMAX_FILE, RECORDS_FILE, QUALITY_FILE}
 
 
 @dataclass

@@ -1,35 +1,53 @@
-"""dynaip-trt: DynaIP (multi-subject image-prompt adapter for FLUX-class MM-DiTs), reference PyTorch code.
+"""dynaip-trt: DynaIP (multi-subject image-prompt adapter for FLUX-class MM-DiTs), reference PyTorch code and the
+build contract.
 
-Model code lives here (configs, modules, attention processors, weights I/O, reference pipeline); ONNX export and
-engine builds are in ``export``, FP8 calibration in ``calibration``, the deployable runtime in ``runtime``.
+Two layers live here (see ``docs/architecture.md``):
+
+- the **contract** (lean: numpy, PIL, ``tokenizers``): configs, errors, files, the manifest and model I/O, request
+  validation, images, sampling schedule, conditioning arrays, tokenization, metrics, CLI helpers. The runtime
+  imports only these.
+- the **model code** (torch, diffusers, transformers): modules, attention processors, weights I/O, the reference
+  pipeline, training.
+
+Importing this package is lazy (PEP 562): ``import dynaip_trt.manifest`` never loads torch. The names below are
+imported on first use.
 """
 
-from .adapter import DynaIPAdapter, install_processors
-from .attention import DynaIPAttnProcessor, ReferenceInputs
-from .configs import AdapterConfig, DynaIPConfig, get_config
-from .errors import (
-    BackendUnavailableError,
-    ConfigError,
-    DynaIPError,
-    ImageError,
-    InputError,
-    ManifestError,
-    ResourceError,
-    SubjectLimitError,
-    WeightsError,
-)
-from .fusion import HMoEFusion
-from .models import DynaIPModels, build_models
-from .pipeline import DynaIPPipeline, ReferenceKV, TorchStages
-from .request import TextBranchSchedule
-from .weights import load_adapter, load_models, save_adapter, save_models
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterConfig", "BackendUnavailableError", "ConfigError", "DynaIPAdapter", "DynaIPAttnProcessor",
-    "DynaIPConfig", "DynaIPError", "DynaIPModels", "DynaIPPipeline", "HMoEFusion", "ImageError", "InputError",
-    "ManifestError", "ReferenceInputs", "ReferenceKV", "ResourceError", "SubjectLimitError", "TextBranchSchedule",
-    "TorchStages", "WeightsError", "build_models", "get_config", "install_processors", "load_adapter",
-    "load_models", "save_adapter", "save_models",
-]
+_EXPORTS = {
+    # contract
+    "AdapterConfig": "configs", "DynaIPConfig": "configs", "get_config": "configs",
+    "DynaIPError": "errors", "BackendUnavailableError": "errors", "ConfigError": "errors", "ImageError": "errors",
+    "InputError": "errors", "ManifestError": "errors", "OutputError": "errors", "ResourceError": "errors",
+    "SubjectLimitError": "errors", "WeightsError": "errors",
+    "GenerationRequest": "request", "TextBranchSchedule": "request",
+    "ReferenceKV": "conditioning", "DiTCondition": "conditioning",
+    # model code (torch)
+    "DynaIPAdapter": "adapter", "install_processors": "adapter",
+    "DynaIPAttnProcessor": "attention", "ReferenceInputs": "attention",
+    "HMoEFusion": "fusion",
+    "DynaIPModels": "models", "build_models": "models",
+    "DynaIPPipeline": "pipeline",
+    "load_adapter": "weights", "load_models": "weights", "save_adapter": "weights", "save_models": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dynaip_trt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -10,6 +10,12 @@ Installed with :func:`dynaip_trt.adapter.install_processors` (no fork of diffuse
 
 ``q_*`` are each branch's queries after QK-norm and before RoPE. The reference K/V ``K(R), V(R)`` arrive already
 projected (computed once per request by the fusion engine) through the ``dynaip`` joint-attention kwarg.
+
+Where the image-branch term enters a double-stream block is configurable (``AdapterConfig.injection``): after
+``to_out`` (DynaIP), before ``to_out`` (InstantX), or returned as a third output that diffusers'
+``FluxTransformerBlock`` adds to the image stream after its feed-forward, ungated (XLabs, as diffusers'
+``FluxIPAdapterAttnProcessor`` does). Single-stream blocks add it to the attention output (before their output
+projection) on the image rows or on every row (InstantX).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .conditioning import ReferenceKV
 
 
 class FluxPosEmbedFP32(nn.Module):
@@ -87,32 +95,33 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 @dataclass
 class ReferenceInputs:
-    """Per-request DynaIP inputs handed to every processor through ``joint_attention_kwargs={"dynaip": ...}``.
+    """Per-step DynaIP inputs handed to every processor through ``joint_attention_kwargs={"dynaip": ...}``.
 
     Attributes:
-        img_k, img_v: image-branch reference keys/values ``[blocks, batch, subjects, ref_tokens, inner_dim]``,
-            one slice per injected block (double-stream blocks first, then single-stream blocks if enabled).
+        kv: the request's reference K/V (:class:`~dynaip_trt.conditioning.ReferenceKV` of torch tensors): image
+            branch ``[blocks, batch, subjects, ref_tokens, inner_dim]`` (double-stream blocks first, then
+            single-stream blocks if enabled), text branch ``[double_blocks, ...]`` or ``None``.
         scales: per-subject scales ``[batch, subjects]``.
         masks: optional per-subject spatial masks over image tokens ``[batch, subjects, image_tokens]`` (0..1).
         block_scales: optional per-block multiplier of the image branch ``[blocks]``.
-        txt_k, txt_v: text-branch reference keys/values ``[double_blocks, batch, subjects, ref_tokens, inner_dim]``,
-            or ``None`` (Dynamic Decoupling Strategy at inference: the text branch is dropped and never computed).
         txt_block_scales: text-branch multiplier per double block ``[double_blocks]`` (the DDS schedule value of
-            the current step); required when ``txt_k`` is given.
+            the current step); the text branch is injected only when this is given and ``kv`` has text K/V
+            (Dynamic Decoupling Strategy: dropped, and never computed, at inference by default).
         mode: ``"sum"`` (per-subject attention, gated and summed) or ``"concat"`` (one softmax over all subjects).
         image_tokens: number of image tokens N (needed only for single-stream injection).
     """
 
-    img_k: torch.Tensor
-    img_v: torch.Tensor
+    kv: ReferenceKV
     scales: torch.Tensor
     masks: torch.Tensor | None = None
     block_scales: torch.Tensor | None = None
-    txt_k: torch.Tensor | None = None
-    txt_v: torch.Tensor | None = None
     txt_block_scales: torch.Tensor | None = None
     mode: str = "sum"
     image_tokens: int | None = None
+
+    @property
+    def text_branch(self) -> bool:
+        return self.txt_block_scales is not None and self.kv.txt_k is not None
 
 
 def reference_attention(
@@ -153,10 +162,12 @@ def reference_attention(
         v = v * scales[:, :, None, None]
         k4 = k.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, S*T, D]
         v4 = v.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)
-        bias = None
+        # a subject with scale 0 takes no softmax mass from the others; masks restrict subjects to their regions
+        keep = (scales > 0).to(q.dtype)[:, None, :]  # [B, 1, S]
         if masks is not None:
-            m = masks.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N, S*T]
-            bias = ((1.0 - m) * -1.0e4).to(q.dtype).unsqueeze(1)  # [B, 1, N, S*T]
+            keep = keep * masks.transpose(1, 2)  # [B, N, S]
+        m = keep.unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N or 1, S*T]
+        bias = ((1.0 - m) * -1.0e4).to(q.dtype).unsqueeze(1)  # [B, 1, N or 1, S*T]
         out = F.scaled_dot_product_attention(q, k4, v4, attn_mask=bias, scale=head_dim**-0.5)  # [B, H, N, D]
         out = out.transpose(1, 2).flatten(2)  # [B, N, H*D]
         if masks is not None:
@@ -176,11 +187,16 @@ class DynaIPAttnProcessor:
     Args:
         ref_index: index of this block in ``ReferenceInputs.img_k`` (``None``: this block gets no injection).
         txt_index: index in ``ReferenceInputs.txt_k`` for double-stream blocks (``None`` for single blocks).
+        injection: ``"after_out"``, ``"before_out"`` or ``"after_block"`` (double-stream blocks; see the module).
+        single_rows: ``"image"`` or ``"all"``: the rows of a single-stream block that get the injection.
     """
 
-    def __init__(self, ref_index: int | None = None, txt_index: int | None = None):
+    def __init__(self, ref_index: int | None = None, txt_index: int | None = None, injection: str = "after_out",
+                 single_rows: str = "image"):
         self.ref_index = ref_index
         self.txt_index = txt_index
+        self.injection = injection
+        self.single_rows = single_rows
 
     def __call__(
         self,
@@ -220,18 +236,26 @@ class DynaIPAttnProcessor:
 
         txt_len = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :txt_len], out[:, txt_len:]
+        term = self._image_term(img_query, dynaip) if dynaip is not None and self.ref_index is not None else None
+        if term is not None and self.injection == "before_out":
+            img_out = img_out + term
         img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
         txt_out = attn.to_add_out(txt_out.contiguous())
-        if dynaip is not None and self.ref_index is not None:
-            img_out = img_out + self._image_term(img_query, dynaip)
-        if dynaip is not None and self.txt_index is not None and dynaip.txt_k is not None:
+        if term is not None and self.injection == "after_out":
+            img_out = img_out + term
+        if dynaip is not None and self.txt_index is not None and dynaip.text_branch:
             txt_out = txt_out + self._text_term(txt_query, dynaip)
+        if term is not None and self.injection == "after_block":  # FluxTransformerBlock adds it after its FF
+            return img_out, txt_out, term
         return img_out, txt_out
 
-    def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
-        """``s_img * Attn(q_img, K_img, V_img)``: ``[B, N_img, C]``."""
+    def _image_term(self, img_query: torch.Tensor, r: ReferenceInputs, masks: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """``s_img * Attn(q_img, K_img, V_img)``: ``[B, N_img, C]`` (``masks``: ``[B, S, N_img]`` instead of
+        ``r.masks``)."""
         i = self.ref_index
-        term = reference_attention(img_query, r.img_k[i], r.img_v[i], r.scales, r.masks, r.mode)
+        masks = r.masks if masks is None else masks
+        term = reference_attention(img_query, r.kv.img_k[i], r.kv.img_v[i], r.scales, masks, r.mode)
         if r.block_scales is not None:
             term = term * r.block_scales[i]
         return term
@@ -239,11 +263,18 @@ class DynaIPAttnProcessor:
     def _text_term(self, txt_query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
         """``s_txt * Attn(q_txt, K_txt, V_txt)``: ``[B, L_txt, C]`` (masks are over image tokens: not applied)."""
         i = self.txt_index
-        term = reference_attention(txt_query, r.txt_k[i], r.txt_v[i], r.scales, None, r.mode)
+        term = reference_attention(txt_query, r.kv.txt_k[i], r.kv.txt_v[i], r.scales, None, r.mode)
         return term * r.txt_block_scales[i]
 
     def _single_stream_term(self, query: torch.Tensor, r: ReferenceInputs) -> torch.Tensor:
-        """Image-token injection in a single-stream block; zero on the text tokens. ``[B, L+N, C]``."""
+        """Injection in a single-stream block ``[B, L+N, C]``: image tokens only (zero on the text tokens), or every
+        row (``single_rows="all"``; masks cover image tokens, so text rows are gated by the scales alone)."""
+        if self.single_rows == "all":
+            masks = r.masks
+            if masks is not None:
+                txt_len = query.shape[2] - masks.shape[2]
+                masks = torch.cat([masks.new_ones(masks.shape[0], masks.shape[1], txt_len), masks], dim=2)
+            return self._image_term(query, r, masks)
         if r.image_tokens is None:
             raise ValueError("single-stream injection needs ReferenceInputs.image_tokens")
         txt_len = query.shape[2] - r.image_tokens

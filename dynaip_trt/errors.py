@@ -7,10 +7,6 @@ handlers keep working. Messages always name the offending field or file and the 
 
 from __future__ import annotations
 
-import functools
-import logging
-from typing import Callable
-
 
 class DynaIPError(Exception):
     """Base class of every error raised by dynaip-trt."""
@@ -40,6 +36,11 @@ class ManifestError(DynaIPError, OSError):
     """A build manifest is missing, invalid, or does not match the files/GPU/TensorRT version it describes."""
 
 
+class OutputError(DynaIPError, OSError):
+    """An output path cannot be written (missing or read-only folder, disk full, not a regular file) or writing it
+    would replace something the user has (a folder holding files dynaip-trt did not write)."""
+
+
 class BackendUnavailableError(DynaIPError, RuntimeError):
     """A backend (TensorRT, CUDA, ONNX Runtime) is not installed or has no usable device."""
 
@@ -48,19 +49,12 @@ class ResourceError(DynaIPError, RuntimeError):
     """Not enough device memory (or another resource) for the requested work."""
 
 
-def cli_main(logger: logging.Logger) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorate a CLI's ``main(argv) -> exit code``: a :class:`DynaIPError` it raises is logged as one line (the
-    message names the problem) and becomes exit code 2, never a traceback."""
+def import_optional(module: str, needed_for: str, install: str):
+    """Import an optional dependency, or raise :class:`BackendUnavailableError` saying what needs it and how to
+    install it (e.g. ``import_optional("onnxruntime", "the onnxruntime backend", "pip install onnxruntime")``)."""
+    import importlib
 
-    def decorate(main: Callable[..., int]) -> Callable[..., int]:
-        @functools.wraps(main)
-        def wrapped(argv: list[str] | None = None) -> int:
-            try:
-                return main(argv)
-            except DynaIPError as e:
-                logger.error("%s", e)
-                return 2
-
-        return wrapped
-
-    return decorate
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise BackendUnavailableError(f"{needed_for} needs {module}, which is not installed: {install}") from e

@@ -4,6 +4,9 @@ CLIP hidden states tapped at several depths (levels) each go through their own e
 maps ``P`` CLIP tokens to ``N`` reference tokens of the MM-DiT width); a router gives per-level weights from the
 features (softmax gating) and the fused reference tokens are ``R = sum_l w_l * E_l(h_l)``. The user may override
 the level weights at inference ("granularity control").
+
+The public FLUX IP-Adapters are the one-level case: a pooled image embedding through a projection expert
+(:class:`ProjectionExpert`), and no router.
 """
 
 from __future__ import annotations
@@ -62,6 +65,36 @@ class LevelExpert(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+class ProjectionExpert(nn.Module):
+    """IP-Adapter image projection as the expert of one level: a pooled embedding ``[M, 1, C]`` ->
+    ``[M, num_tokens, out_dim]``.
+
+    ``kind="linear"``: XLabs' ``ImageProjModel`` (``proj``: Linear ``C -> num_tokens * out_dim``, then LayerNorm per
+    token); ``kind="mlp"``: InstantX's ``MLPProjModel`` (``proj``: Linear ``C -> 2C``, GELU, Linear ``2C ->
+    num_tokens * out_dim``, then LayerNorm). Parameter names follow the public checkpoints (``proj``, ``norm``).
+    """
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens, self.out_dim = num_tokens, out_dim
+        if kind == "linear":
+            self.proj = nn.Linear(in_dim, num_tokens * out_dim)
+        else:
+            hidden = 2 * in_dim
+            self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_tokens * out_dim))
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(h[:, 0]).unflatten(-1, (self.num_tokens, self.out_dim)))
+
+
+def make_expert(cfg: AdapterConfig, clip_dim: int, out_dim: int) -> nn.Module:
+    """The expert of one level for ``cfg.expert``."""
+    if cfg.expert == "resampler":
+        return LevelExpert(clip_dim, cfg.expert_dim, out_dim, cfg.num_tokens, cfg.expert_depth, cfg.expert_heads)
+    return ProjectionExpert(cfg.expert, clip_dim, out_dim, cfg.num_tokens)
+
+
 class LevelRouter(nn.Module):
     """Softmax gate over levels from the mean-pooled features of every level: ``[M, L, P, C]`` -> ``[M, L]``."""
 
@@ -83,22 +116,23 @@ class HMoEFusion(nn.Module):
         level_weights: optional override ``[M, L]`` (used as given instead of the router's weights)
     Returns:
         tokens ``[M, num_tokens, out_dim]`` and the weights used ``[M, L]``.
+
+    One level has no router (its weight is 1).
     """
 
     def __init__(self, cfg: AdapterConfig, clip_dim: int, out_dim: int):
         super().__init__()
-        self.experts = nn.ModuleList(
-            [
-                LevelExpert(clip_dim, cfg.expert_dim, out_dim, cfg.num_tokens, cfg.expert_depth, cfg.expert_heads)
-                for _ in range(cfg.num_levels)
-            ]
-        )
-        self.router = LevelRouter(clip_dim, cfg.num_levels)
+        self.experts = nn.ModuleList([make_expert(cfg, clip_dim, out_dim) for _ in range(cfg.num_levels)])
+        self.router = LevelRouter(clip_dim, cfg.num_levels) if cfg.num_levels > 1 else None
+
+    def route(self, levels: torch.Tensor) -> torch.Tensor:
+        """The router's level weights ``[M, L]`` (ones for a single level)."""
+        return self.router(levels) if self.router is not None else levels.new_ones(levels.shape[0], 1)
 
     def forward(
         self, levels: torch.Tensor, level_weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = self.router(levels) if level_weights is None else level_weights
+        weights = self.route(levels) if level_weights is None else level_weights
         expert_out = torch.stack([e(levels[:, i]) for i, e in enumerate(self.experts)], dim=1)  # [M, L, N, W]
         tokens = (expert_out * weights[:, :, None, None]).sum(dim=1)
         return tokens, weights

@@ -87,18 +87,22 @@ def to_rgb(image: Image.Image, field: str = "reference") -> Image.Image:
 
 
 def preprocess_clip(images: list[Image.Image], cfg: VisionConfig) -> np.ndarray:
-    """RGB images -> CLIP pixel values ``[M, 3, S, S]`` float32 (shorter side resized, centre crop, normalised)."""
+    """RGB images -> image-encoder pixel values ``[M, 3, S, S]`` float32, normalised: shorter side resized and
+    centre-cropped (CLIP), or the whole image resized to ``S x S`` when ``cfg.crop`` is off (SigLIP)."""
     size = cfg.image_size
     mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, im in enumerate(images):
-        w, h = im.size
-        r = size / min(w, h)
-        nw, nh = max(size, round(w * r)), max(size, round(h * r))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        if not cfg.crop:
+            im = im.resize((size, size), Image.BICUBIC)
+        else:
+            w, h = im.size
+            r = size / min(w, h)
+            nw, nh = max(size, round(w * r)), max(size, round(h * r))
+            im = im.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
         arr = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
         out[i] = (arr - mean) / std
     return out

@@ -1,8 +1,8 @@
 """Building the model family (base MM-DiT, CLIP vision, text encoders, VAE, adapter) from a config.
 
 Every model is the real class (diffusers ``FluxTransformer2DModel``/``AutoencoderKL``, transformers
-``CLIPVisionModel``/``CLIPTextModel``/``T5EncoderModel``); :func:`build_models` gives them deterministic seeded
-weights (the tiny embedded default, and full-size random models for benchmarks). Loading real weights from local
+``CLIPVisionModel``/``CLIPTextModel``/``T5EncoderModel``; the image encoder is ``CLIPVisionModelWithProjection`` or
+``SiglipVisionModel`` for the IP-Adapter encoders); :func:`build_models` gives them deterministic seeded weights (the tiny embedded default, and full-size random models for benchmarks). Loading real weights from local
 folders is in :mod:`dynaip_trt.weights`.
 """
 
@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel
+from torch import nn
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel,
+                          CLIPVisionModelWithProjection, SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel)
 
 from .adapter import DynaIPAdapter, install_processors
-from .configs import DynaIPConfig
-from .text import ByteTokenizer, HFTokenizer
+from .attention import ReferenceInputs
+from .configs import EMBEDDED_CONFIGS, DynaIPConfig
+from .text import Tokenizer, byte_tokenizer
 
 
 @dataclass
@@ -25,13 +28,13 @@ class DynaIPModels:
 
     config: DynaIPConfig
     transformer: FluxTransformer2DModel
-    vision: CLIPVisionModel
+    vision: nn.Module  # CLIPVisionModel, CLIPVisionModelWithProjection or SiglipVisionModel (AdapterConfig.encoder)
     clip_text: CLIPTextModel
     t5: T5EncoderModel
     vae: AutoencoderKL
     adapter: DynaIPAdapter
-    clip_tokenizer: ByteTokenizer | HFTokenizer
-    t5_tokenizer: ByteTokenizer | HFTokenizer
+    clip_tokenizer: Tokenizer
+    t5_tokenizer: Tokenizer
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DynaIPModels":
         for m in (self.transformer, self.vision, self.clip_text, self.t5, self.vae, self.adapter):
@@ -51,8 +54,17 @@ def build_transformer(cfg: DynaIPConfig) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(**cfg.transformer.diffusers_kwargs())
 
 
-def build_vision(cfg: DynaIPConfig) -> CLIPVisionModel:
-    return CLIPVisionModel(CLIPVisionConfig(**cfg.vision.hf_kwargs(), attn_implementation="sdpa"))
+VISION_CLASSES = {"clip_levels": CLIPVisionModel, "clip_embeds": CLIPVisionModelWithProjection,
+                  "siglip_pooled": SiglipVisionModel}
+
+
+def build_vision(cfg: DynaIPConfig) -> nn.Module:
+    """The image encoder of ``cfg.adapter.encoder`` (random weights)."""
+    encoder = cfg.adapter.encoder
+    if encoder == "siglip_pooled":
+        return SiglipVisionModel(SiglipVisionConfig(**cfg.vision.hf_kwargs(), attn_implementation="sdpa"))
+    return VISION_CLASSES[encoder](CLIPVisionConfig(**cfg.vision.hf_kwargs(), projection_dim=cfg.vision.projection_dim,
+                                                    attn_implementation="sdpa"))
 
 
 def build_text_encoders(cfg: DynaIPConfig) -> tuple[CLIPTextModel, T5EncoderModel]:
@@ -66,8 +78,8 @@ def build_text_encoders(cfg: DynaIPConfig) -> tuple[CLIPTextModel, T5EncoderMode
             num_attention_heads=t.clip_heads,
             max_position_embeddings=t.clip_max_length,
             projection_dim=t.clip_hidden_size,
-            pad_token_id=0 if cfg.name.startswith("tiny") else 1,
-            eos_token_id=ByteTokenizer.eos_id if cfg.name.startswith("tiny") else 2,
+            pad_token_id=t.clip_pad_id,
+            eos_token_id=t.clip_eos_id,
             bos_token_id=0,
         )
     )
@@ -104,7 +116,7 @@ def build_vae(cfg: DynaIPConfig) -> AutoencoderKL:
 
 
 def build_adapter(cfg: DynaIPConfig) -> DynaIPAdapter:
-    return DynaIPAdapter(cfg.adapter, cfg.transformer, cfg.vision.hidden_size)
+    return DynaIPAdapter(cfg.adapter, cfg.transformer, cfg.encoder_width)
 
 
 def finalize(models: DynaIPModels) -> DynaIPModels:
@@ -117,14 +129,15 @@ def finalize(models: DynaIPModels) -> DynaIPModels:
 
 
 def build_models(cfg: DynaIPConfig, seed: int = 0, random_adapter_kv: bool = True) -> DynaIPModels:
-    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU); a config with embedded
-    trained weights (``extra["embedded"]``, e.g. ``tiny``) loads them instead (``seed`` is then unused).
+    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU); a config whose trained weights
+    ship with the package (:data:`~dynaip_trt.configs.EMBEDDED_CONFIGS`, e.g. ``tiny``) loads them instead (``seed``
+    and ``random_adapter_kv`` are then unused).
 
     Args:
         random_adapter_kv: give the (normally zero-initialised) reference K/V projections small random
             weights so the references visibly influence the output, as a trained adapter does.
     """
-    if cfg.extra.get("embedded"):
+    if cfg.name in EMBEDDED_CONFIGS:
         from .weights import load_embedded
 
         return load_embedded(cfg)
@@ -136,14 +149,24 @@ def build_models(cfg: DynaIPConfig, seed: int = 0, random_adapter_kv: bool = Tru
     adapter = build_adapter(cfg)
     if random_adapter_kv:
         adapter.randomize_kv(torch.Generator().manual_seed(seed + 1))
-    tok = ByteTokenizer()
-    return finalize(DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter, tok, tok))
+    return finalize(DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter,
+                                 byte_tokenizer(cfg.text.clip_max_length), byte_tokenizer(cfg.text.max_text_length)))
 
 
-def clip_levels(vision: CLIPVisionModel, pixel_values: torch.Tensor, tap_layers: tuple[int, ...]) -> torch.Tensor:
-    """CLIP hidden states at the tapped layers: pixels ``[M, 3, S, S]`` -> ``[M, L, P, clip_dim]``."""
-    out = vision(pixel_values=pixel_values, output_hidden_states=True)
-    return torch.stack([out.hidden_states[i] for i in tap_layers], dim=1)
+def clip_levels(vision: nn.Module, pixel_values: torch.Tensor, tap_layers: tuple[int, ...],
+                encoder: str = "clip_levels") -> torch.Tensor:
+    """The image encoder's output as levels: pixels ``[M, 3, S, S]`` -> ``[M, L, P, C]``.
+
+    ``encoder`` (:class:`~dynaip_trt.configs.AdapterConfig`): ``"clip_levels"``: CLIP hidden states at the tapped
+    layers; ``"clip_embeds"``: CLIP's projected ``image_embeds`` (``[M, 1, 1, projection_dim]``);
+    ``"siglip_pooled"``: SigLIP's pooled output (``[M, 1, 1, hidden]``).
+    """
+    if encoder == "clip_levels":
+        out = vision(pixel_values=pixel_values, output_hidden_states=True)
+        return torch.stack([out.hidden_states[i] for i in tap_layers], dim=1)
+    out = vision(pixel_values=pixel_values)
+    pooled = out.image_embeds if encoder == "clip_embeds" else out.pooler_output
+    return pooled[:, None, None, :]
 
 
 def encode_text(clip_text: CLIPTextModel, t5: T5EncoderModel, clip_ids: torch.Tensor, t5_ids: torch.Tensor
@@ -158,3 +181,20 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Unpacked latents ``[B, 16, h, w]`` -> images ``[B, 3, 8h, 8w]`` in [-1, 1] (FLUX scaling and shift)."""
     z = latents / vae.config.scaling_factor + vae.config.shift_factor
     return vae.decode(z).sample
+
+
+def dit_forward(transformer: FluxTransformer2DModel, latents: torch.Tensor, text_embeds: torch.Tensor,
+                pooled: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, dynaip: ReferenceInputs | None) -> torch.Tensor:
+    """One MM-DiT evaluation with the DynaIP inputs (``None``: the bare base model): the only place that calls
+    diffusers' FLUX transformer.
+
+    latents ``[B, N, 64]``, text_embeds ``[B, Ltxt, D]``, pooled ``[B, Dp]``, timestep/guidance ``[B]`` (sigma in
+    [0, 1] and the distilled guidance; diffusers scales both by 1000), img_ids ``[N, 3]``, txt_ids ``[Ltxt, 3]``
+    -> velocity ``[B, N, 64]`` in the transformer's dtype.
+    """
+    return transformer(
+        hidden_states=latents, encoder_hidden_states=text_embeds, pooled_projections=pooled, timestep=timestep,
+        guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
+        joint_attention_kwargs=None if dynaip is None else {"dynaip": dynaip}, return_dict=False,
+    )[0]

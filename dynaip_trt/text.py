@@ -1,158 +1,146 @@
-"""Tokenizers and the FLUX text encoding (CLIP-L pooled vector + T5 sequence).
+"""Tokenization (the ``tokenizers`` library: no torch, no transformers) and prompt validation.
 
-Real checkpoints bring their own tokenizers (``tokenizer/`` and ``tokenizer_2/`` of a diffusers FLUX folder).
-Models with seeded random weights use :class:`ByteTokenizer` (UTF-8 bytes, no vocabulary file, nothing to download);
-the trained tiny default uses a :class:`WordLevelTokenizer` over its synthetic world's vocabulary (``tokenizer.json``).
+A build folder holds each text encoder's tokenizer as ``tokenizer.json`` with its padding and truncation set to the
+encoder's text length, so the runtime tokenizes exactly as the exporter did. Real checkpoints bring their own
+tokenizers (``tokenizer/`` and ``tokenizer_2/`` of a diffusers FLUX folder; :mod:`dynaip_trt.weights` converts them);
+the ``tiny-random`` config uses :func:`byte_tokenizer` (UTF-8 bytes, nothing to download).
+
+Prompts longer than the text length are truncated, as diffusers does, with a warning naming what was dropped;
+``truncate=False`` makes that an :class:`~dynaip_trt.errors.InputError` instead.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Sequence
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .errors import InputError, WeightsError
 
-BYTE_TOKENIZER_FILE = "dynaip_byte_tokenizer.json"
-WORDLEVEL_FILE = "tokenizer.json"
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+BYTE_OFFSET = 2  # byte tokenizer: pad 0, EOS 1, byte b -> b + 2
 
 
-class Tokenizer(Protocol):
-    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
-        """Token ids ``[len(texts), max_length]`` int64, padded/truncated."""
+class Tokenizer:
+    """One text encoder's tokenizer: a ``tokenizers.Tokenizer`` padded and truncated to ``max_length`` tokens.
 
+    Args:
+        tokenizer: the ``tokenizers`` object (its special tokens, e.g. BOS/EOS, come from its post-processor).
+        max_length: the encoder's text length (ids are always ``[B, max_length]``).
+        pad_id: id used for padding.
+    """
 
-class ByteTokenizer:
-    """UTF-8 byte tokenizer: pad=0, eos=1, byte b -> b+2. Vocabulary size 258."""
-
-    pad_id = 0
-    eos_id = 1
-    vocab_size = 258
-
-    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
-        ids = np.zeros((len(texts), max_length), dtype=np.int64)
-        for i, t in enumerate(texts):
-            toks = [b + 2 for b in t.encode("utf-8")][: max_length - 1] + [self.eos_id]
-            ids[i, : len(toks)] = toks
-        return ids
-
-    def count(self, text: str) -> int:
-        """Tokens the text needs including EOS."""
-        return len(text.encode("utf-8")) + 1
-
-    def save(self, folder: str | Path) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": "byte", "vocab_size": self.vocab_size}))
-
-
-class WordLevelTokenizer:
-    """A ``tokenizers.Tokenizer`` with a closed vocabulary (WordLevel, lower case, whitespace/punctuation
-    pre-tokenizer, ``[EOS]`` appended): pad=0, eos=1, unknown words -> ``[UNK]``. Saved as ``tokenizer.json``."""
-
-    pad_id = 0
-    eos_id = 1
-
-    def __init__(self, tok) -> None:
-        if tok.token_to_id("[PAD]") != self.pad_id or tok.token_to_id("[EOS]") != self.eos_id:
-            raise WeightsError("a word-level tokenizer needs [PAD] = 0 and [EOS] = 1 in its vocabulary")
-        self.tok = tok
+    def __init__(self, tokenizer: HFTokenizer, max_length: int, pad_id: int):
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self._tok = tokenizer
+        self._tok.enable_padding(pad_id=pad_id, length=max_length)
+        self._tok.enable_truncation(max_length)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "WordLevelTokenizer":
-        from tokenizers import Tokenizer
-
+    def load(cls, folder: str | Path, max_length: int | None = None) -> "Tokenizer":
+        """Read ``folder/tokenizer.json`` (as a build folder holds it); ``max_length`` must match the saved text
+        length when given. Raises :class:`WeightsError` for a missing or invalid file."""
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file():
+            raise WeightsError(f"tokenizer file {path} does not exist")
         try:
-            return cls(Tokenizer.from_file(str(path)))
-        except Exception as e:  # tokenizers raises a plain Exception for unreadable files
-            raise WeightsError(f"cannot load a tokenizer from {path}: {e}") from e
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception for malformed JSON
+            raise WeightsError(f"{path} is not a valid tokenizer file: {e}") from e
+        padding, truncation = tok.padding, tok.truncation
+        if not padding or not truncation or padding.get("length") is None:
+            raise WeightsError(f"{path} has no fixed padding/truncation length; re-export the build")
+        saved = int(padding["length"])
+        if max_length is not None and saved != max_length:
+            raise WeightsError(f"{path} pads to {saved} tokens but the text encoder takes {max_length}")
+        return cls(tok, saved, int(padding["pad_id"]))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/tokenizer.json`` (padding and truncation included)."""
+        path = Path(folder) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self._tok.to_str())
+        return path
+
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids ``[len(texts), max_length]`` int64, truncated and padded."""
+        return np.asarray([e.ids for e in self._tok.encode_batch(list(texts))], dtype=np.int64)
+
+    def overflow(self, text: str) -> str:
+        """The end of ``text`` that truncation drops (``""`` when the prompt fits)."""
+        enc = self._tok.encode(text)
+        if not enc.overflowing:
+            return ""
+        ends = [end for (_, end), sid in zip(enc.offsets, enc.special_tokens_mask) if not sid and end > 0]
+        return text[max(ends, default=0):].strip()
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size()
-
-    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
-        ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int64)
-        for i, enc in enumerate(self.tok.encode_batch(texts)):
-            toks = enc.ids if len(enc.ids) <= max_length else enc.ids[: max_length - 1] + [self.eos_id]
-            ids[i, : len(toks)] = toks
-        return ids
-
-    def count(self, text: str) -> int:
-        """Tokens the text needs including EOS."""
-        return len(self.tok.encode(text).ids)
-
-    def save(self, folder: str | Path) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(Path(folder) / WORDLEVEL_FILE))
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
 
-class HFTokenizer:
-    """Wraps a transformers tokenizer loaded from a local folder."""
-
-    def __init__(self, tok) -> None:
-        self.tok = tok
-
-    def encode_batch(self, texts: list[str], max_length: int) -> np.ndarray:
-        out = self.tok(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
-        return out["input_ids"].astype(np.int64)
-
-    def count(self, text: str) -> int:
-        return len(self.tok(text, truncation=False)["input_ids"])
+def byte_tokenizer(max_length: int) -> Tokenizer:
+    """UTF-8 byte tokenizer of the ``tiny-random`` config: pad 0, EOS 1 (appended), byte ``b`` -> ``b + 2``."""
+    table = _bytes_to_unicode()
+    vocab = {"<pad>": 0, "</s>": 1, **{table[b]: b + BYTE_OFFSET for b in range(256)}}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return Tokenizer(tok, max_length, pad_id=0)
 
 
-def load_tokenizer(folder: str | Path) -> ByteTokenizer | WordLevelTokenizer | HFTokenizer:
-    """Load the tokenizer saved in ``folder`` (byte tokenizer marker, a lone ``tokenizer.json`` of a
-    :class:`WordLevelTokenizer`, or a transformers tokenizer)."""
-    folder = Path(folder)
-    if (folder / BYTE_TOKENIZER_FILE).is_file():
-        return ByteTokenizer()
-    if (folder / WORDLEVEL_FILE).is_file() and not (folder / "tokenizer_config.json").is_file():
-        return WordLevelTokenizer.from_file(folder / WORDLEVEL_FILE)
-    if not folder.is_dir():
-        raise WeightsError(f"tokenizer folder {folder} does not exist")
-    try:
-        from transformers import AutoTokenizer
-
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot load a tokenizer from {folder}: {e}") from e
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (the ``ByteLevel`` pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def save_tokenizer(tokenizer: ByteTokenizer | WordLevelTokenizer | HFTokenizer, folder: str | Path) -> Path:
-    """Write ``tokenizer`` to ``folder`` in the form :func:`load_tokenizer` reads."""
-    folder = Path(folder)
-    if isinstance(tokenizer, (ByteTokenizer, WordLevelTokenizer)):
-        tokenizer.save(folder)
-    else:
-        tokenizer.tok.save_pretrained(str(folder))
-    return folder
-
-
-def validate_prompt(prompt: str, tokenizer: ByteTokenizer | HFTokenizer, max_length: int,
-                    field: str = "prompt") -> str:
-    """Check a prompt: a non-empty string of valid Unicode whose tokens fit ``max_length`` (the engine's text
-    length). :class:`InputError` names ``field`` otherwise."""
+def validate_prompt(prompt: str, tokenizers: Sequence[Tokenizer], truncate: bool = True,
+                    field: str = "prompt", allow_empty: bool = False) -> str:
+    """Check a prompt: a non-empty (unless ``allow_empty``, e.g. a negative prompt) string of valid Unicode. Tokens
+    beyond a tokenizer's text length are dropped with a warning naming them (``truncate=True``, as diffusers does)
+    or refused with :class:`InputError`."""
     if not isinstance(prompt, str):
         raise InputError(f"{field} must be a str, got {type(prompt).__name__}")
-    if not prompt.strip():
+    if not allow_empty and not prompt.strip():
         raise InputError(f"{field} is empty; give at least one non-space character")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InputError(f"{field} is not valid Unicode text ({e.reason} at position {e.start})") from e
-    n = tokenizer.count(prompt)
-    if n > max_length:
-        raise InputError(f"{field} is {n} tokens long; the text length is {max_length} tokens (shorten the prompt)")
+    for tok in tokenizers:
+        dropped = tok.overflow(prompt)
+        if not dropped:
+            continue
+        if not truncate:
+            raise InputError(f"{field} is longer than the text length of {tok.max_length} tokens; it would lose "
+                             f"{dropped!r} (shorten it, or allow truncation)")
+        logger.warning("%s is longer than the text length of %d tokens: %r was dropped", field, tok.max_length,
+                       dropped)
     return prompt
 
 
-def normalize_prompts(prompt: str | list[str] | tuple[str, ...], tokenizer: ByteTokenizer | HFTokenizer,
-                      max_length: int) -> list[str]:
+def normalize_prompts(prompt: str | Sequence[str], tokenizers: Sequence[Tokenizer], truncate: bool = True
+                      ) -> list[str]:
     """One prompt or a non-empty list/tuple of prompts -> list of prompts, each checked by :func:`validate_prompt`."""
     if isinstance(prompt, str):
-        return [validate_prompt(prompt, tokenizer, max_length)]
+        return [validate_prompt(prompt, tokenizers, truncate)]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise InputError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.60}")
-    return [validate_prompt(p, tokenizer, max_length, field=f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [validate_prompt(p, tokenizers, truncate, field=f"prompt[{i}]") for i, p in enumerate(prompt)]

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import ReferenceInputs
-from .models import DynaIPModels, clip_levels, encode_text
+from .conditioning import ReferenceKV
+from .models import DynaIPModels, clip_levels, dit_forward, encode_text
 from .sampling import latent_image_ids, text_ids
 
 
@@ -50,17 +51,15 @@ def flow_matching_loss(models: DynaIPModels, batch: TrainBatch) -> torch.Tensor:
     img_k, img_v = a.image_kv(tokens)
     txt_k, txt_v = a.text_kv(tokens)
     b = batch.latents.shape[0]
-    ref = ReferenceInputs(img_k=img_k, img_v=img_v, scales=torch.ones(b, 1), txt_k=txt_k, txt_v=txt_v,
+    ref = ReferenceInputs(kv=ReferenceKV(img_k, img_v, txt_k, txt_v), scales=torch.ones(b, 1),
                           txt_block_scales=torch.ones(len(a.txt_kv)), mode=cfg.adapter.attention_mode,
                           image_tokens=batch.latents.shape[1])
     t = batch.sigmas[:, None, None]
     x_t = (1 - t) * batch.latents + t * batch.noise
     vf = cfg.vae.spatial_factor
-    pred = models.transformer(
-        hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=batch.sigmas,
-        guidance=torch.full((b,), cfg.guidance), img_ids=latent_image_ids(batch.height, batch.width, vf),
-        txt_ids=text_ids(text.shape[1]), joint_attention_kwargs={"dynaip": ref}, return_dict=False,
-    )[0]
+    pred = dit_forward(models.transformer, x_t, text, pooled, batch.sigmas, torch.full((b,), cfg.guidance),
+                       torch.from_numpy(latent_image_ids(batch.height, batch.width, vf)),
+                       torch.from_numpy(text_ids(text.shape[1])), ref)
     return F.mse_loss(pred, batch.noise - batch.latents)
 
 

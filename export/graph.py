@@ -17,10 +17,16 @@ from pathlib import Path
 
 import onnx
 
+from dynaip_trt.errors import DynaIPError
+
 logger = logging.getLogger(__name__)
 
 OP_TABLE = Path(__file__).parent / "data" / "tensorrt-10.0-onnx-operators.tsv"
 TWO_GIB = 2**31
+
+
+class GraphCheckError(DynaIPError, RuntimeError):
+    """An exported graph is not TensorRT-ready (unsupported ops, float64, baked dynamic axes, Q/DQ placement)."""
 
 
 @lru_cache(maxsize=1)

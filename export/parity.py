@@ -1,6 +1,6 @@
 """Parity harness: TensorRT vs ONNX Runtime vs the PyTorch outputs saved at export, with polygraphy.
 
-    python -m export.parity --build build/tiny [--precisions fp32,fp16,bf16,fp8|auto] [--models dit,vae] \\
+    python -m export.parity --engine-dir build/tiny [--precisions fp32,fp16,bf16,fp8|auto] [--models dit,vae] \\
         [--backends auto|onnxruntime,tensorrt] [--json report.json] [-v]
 
 ``export.onnx`` runs every fp32 PyTorch model once on inputs at the envelope's opt point (batch 2) and saves
@@ -18,7 +18,6 @@ precision, missing or tampered files); 3 a requested backend is not installed (t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict, dataclass
@@ -26,19 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, cli_main
-from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, ModelEntry, safe_join, sha256_file
+from dynaip_trt.cli import check_writable_file, cli_main, configure_logging, write_json_report, written_json_report
+from dynaip_trt.cli import progress as progress_bar
+from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, import_optional
+from dynaip_trt.manifest import MODEL_IO, PRECISIONS, Manifest, check_profile, check_tensorrt_section, \
+    safe_join
 from dynaip_trt.metrics import report
-from dynaip_trt.models import DynaIPModels
-from dynaip_trt.files import atomic_path
-from runtime.ort_backend import import_onnxruntime
-from runtime.trt_backend import check_profile, check_tensorrt_section, import_tensorrt, import_tensorrt_gpu
+from dynaip_trt.tensorrt_api import import_tensorrt_gpu
 
-from .onnx import configure_logging
-from .specs import Envelope, get_spec
+from .engines import base_precision
+from .references import Arrays, load_references
 
 logger = logging.getLogger("export.parity")
 
@@ -52,7 +49,8 @@ FP16_REL_L2 = 3e-3  # measured 8.0e-4 (vae; dit 5.4e-4): 11-bit significand
 # dynaip_trt.attention.FP32TimeEmbedding kept FLUX's timestep/guidance * 1000 out of bf16): 8-bit significand.
 BF16_REL_L2 = 1e-1
 FP8_REL_L2 = 5e-2  # measured 1.3e-2 (dit, median 7.2e-3): FP8 E4M3 (4-bit significand) in every block GEMM, fp16 around
-# fp32 engines built with TensorRT's TF32 flag round GEMM inputs to TF32's 11-bit significand, as fp16 does.
+# fp32 engines: TensorRT's TF32 flag is on by default (export.build --no-tf32 clears it), and TF32 rounds GEMM inputs
+# to an 11-bit significand, as fp16 does.
 TF32_REL_L2 = FP16_REL_L2
 TOLERANCES = {"fp32": FP32_REL_L2, "fp16": FP16_REL_L2, "bf16": BF16_REL_L2, "fp8": FP8_REL_L2}
 
@@ -60,67 +58,8 @@ TOLERANCES = {"fp32": FP32_REL_L2, "fp16": FP16_REL_L2, "bf16": BF16_REL_L2, "fp
 ORT_CPU_UNSUPPORTED = {"bf16": "ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Add, Conv...)"}
 BACKENDS = ("onnxruntime", "tensorrt")
 REFERENCE = "pytorch-fp32"
-REFERENCE_DIR = "reference"
-REFERENCE_SEED = 0
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 EXIT_FAILED, EXIT_NEEDS_BACKEND = 1, 3
-
-Arrays = dict[str, np.ndarray]
-
-
-def reference_file(name: str) -> str:
-    """Path of a model's saved PyTorch inputs and outputs, relative to the build directory."""
-    return f"{REFERENCE_DIR}/{name}.npz"
-
-
-def reference_point(envelope: Envelope) -> tuple[int, int, int, int]:
-    """(batch, subjects, height, width) of the saved references: the envelope's opt point, batch 2 where the
-    envelope allows it (sizes >= 2 exercise the batch axis)."""
-    _, subjects, height, width = envelope.points()["opt"]
-    return max(envelope.batch[0], min(2, envelope.batch[2])), subjects, height, width
-
-
-def save_references(directory: str | Path, models: DynaIPModels, names: tuple[str, ...], envelope: Envelope
-                    ) -> dict[str, str]:
-    """Run the fp32 PyTorch module of each model of ``names`` on valid sample inputs at :func:`reference_point`
-    and write ``reference/<name>.npz`` in ``directory`` (atomically): ``inputs/<input>`` and ``outputs/<output>``
-    arrays, names from :data:`MODEL_IO` (e.g. the DiT's ``inputs/latents`` ``[B, N, 64]`` and
-    ``outputs/velocity`` ``[B, N, 64]``). Returns ``{relpath: sha256}`` of the files written."""
-    point = reference_point(envelope)
-    files = {}
-    for name in names:
-        spec = get_spec(name, models)
-        inputs = spec.sample_inputs(*point, seed=REFERENCE_SEED)
-        with torch.no_grad():
-            outputs = spec.module().eval()(*(inputs[n] for n in spec.input_names))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        arrays = {f"inputs/{n}": inputs[n].numpy() for n in spec.input_names}
-        arrays.update({f"outputs/{n}": o.float().numpy() for n, o in zip(spec.output_names, outputs)})
-        rel = reference_file(name)
-        path = Path(directory) / rel
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        files[rel] = sha256_file(path)
-    return files
-
-
-def load_references(directory: str | Path, name: str, entry: ModelEntry) -> tuple[Arrays, Arrays]:
-    """The saved ``(inputs, outputs)`` of model ``name`` (``{tensor name: array}``, :data:`MODEL_IO` order).
-
-    Raises :class:`ManifestError` when the manifest lists no reference for it (a build exported before
-    references existed) or the file lacks a tensor."""
-    rel = reference_file(name)
-    if rel not in entry.files:
-        raise ManifestError(f"{directory}: model {name} has no saved PyTorch reference ({rel} is not in the "
-                            f"manifest); re-export the build with python -m export.onnx")
-    inputs, outputs = MODEL_IO[name]
-    with np.load(safe_join(directory, rel)) as z:
-        missing = [k for k in [*(f"inputs/{n}" for n in inputs), *(f"outputs/{n}" for n in outputs)]
-                   if k not in z.files]
-        if missing:
-            raise ManifestError(f"{directory}: {rel} lacks {missing}; re-export the build with python -m export.onnx")
-        return {n: z[f"inputs/{n}"] for n in inputs}, {n: z[f"outputs/{n}"] for n in outputs}
 
 
 @dataclass
@@ -163,16 +102,37 @@ def first_line(error: Exception, limit: int = 120) -> str:
     return (str(error).splitlines() or [""])[0][:limit]
 
 
-def run_runner(runner, feeds: Arrays) -> Arrays:
+def precision_family(precision: str) -> str:
+    """``fp8`` for the FP8 graph keys ``fp8-bf16``/``fp8-fp16``; other precisions are their own family."""
+    return precision.split("-", 1)[0]
+
+
+def tolerance_of(precision: str) -> float:
+    """Relative L2 tolerance of a graph or engine precision; an FP8 graph on a bf16 base gets the larger of the
+    FP8 and bf16 tolerances (both roundings add up)."""
+    return max(TOLERANCES[precision_family(precision)], TOLERANCES[base_precision(precision)])
+
+
+def run_runner(runner, feeds: Arrays, as_torch: bool = False) -> Arrays:
     """Activate a polygraphy runner, run ``feeds`` once (each cast to the dtype its input declares) and return
-    copies of its outputs (runners reuse their output buffers)."""
+    float32 copies of its outputs (runners reuse their output buffers).
+
+    ``as_torch``: feed CPU torch tensors (polygraphy then returns torch tensors): numpy has no bfloat16, so a
+    runner with bf16 inputs or outputs (TensorRT engines) is only usable this way; outputs are compared through
+    a float32 view."""
     from polygraphy.datatype import DataType
 
     with runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
+        if as_torch:
+            import torch
+
+            feed = {n: torch.from_numpy(np.ascontiguousarray(a)).to(DataType.to_dtype(meta[n].dtype, "torch"))
+                    for n, a in feeds.items()}
+            return {n: o.detach().to("cpu", torch.float32).numpy().copy() for n, o in runner.infer(feed).items()}
         feed = {n: np.ascontiguousarray(a, dtype=DataType.to_dtype(meta[n].dtype, "numpy"))
                 for n, a in feeds.items()}
-        return {n: np.array(o) for n, o in runner.infer(feed).items()}
+        return {n: np.array(o, dtype=np.float32) for n, o in runner.infer(feed).items()}
 
 
 def run_onnxruntime(path: Path, feeds: Arrays) -> Arrays:
@@ -187,16 +147,24 @@ def run_tensorrt(path: Path, feeds: Arrays) -> Arrays:
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    return run_runner(TrtRunner(EngineFromBytes(BytesFromPath(str(path)))), feeds)
+    return run_runner(TrtRunner(EngineFromBytes(BytesFromPath(str(path)))), feeds, as_torch=True)
 
 
 def tensorrt_unavailable() -> str | None:
     """Why TensorRT engines cannot run here (no ``tensorrt`` module, no GPU), or ``None`` when they can."""
     try:
-        import_tensorrt_gpu()
+        import_tensorrt_gpu(what="the TensorRT half of the parity check")
     except BackendUnavailableError as e:
         return str(e)
     return None
+
+
+def quiet_polygraphy(verbose: bool) -> None:
+    """Polygraphy logs through its own logger: errors only unless ``verbose``."""
+    if not verbose:
+        from polygraphy.logger import G_LOGGER
+
+        G_LOGGER.module_severity = G_LOGGER.ERROR
 
 
 def resolve_backends(spec: str) -> tuple[str, ...]:
@@ -205,7 +173,7 @@ def resolve_backends(spec: str) -> tuple[str, ...]:
     Raises :class:`ConfigError` for an unknown backend and :class:`BackendUnavailableError` (naming what to
     install) when a requested backend cannot run here."""
     if spec == "auto":
-        import_onnxruntime()
+        import_optional("onnxruntime", "the onnxruntime comparison", "pip install -e .[onnx]")
         reason = tensorrt_unavailable()
         if reason is None:
             return BACKENDS
@@ -217,7 +185,7 @@ def resolve_backends(spec: str) -> tuple[str, ...]:
     if unknown or not backends:
         raise ConfigError(f"--backends {spec!r}: choose auto or a comma list of {list(BACKENDS)}")
     if "onnxruntime" in backends:
-        import_onnxruntime()
+        import_optional("onnxruntime", "the onnxruntime comparison", "pip install -e .[onnx]")
     if "tensorrt" in backends:
         reason = tensorrt_unavailable()
         if reason is not None:
@@ -236,18 +204,25 @@ def parse_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...
     return items
 
 
-def graphs_of(entry: ModelEntry) -> dict[str, str]:
-    """``{precision: ONNX file}`` of every graph a manifest entry lists (main graph and variants)."""
-    return {entry.precision: entry.onnx, **entry.variants}
-
-
 def engine_precision(manifest: Manifest, name: str) -> tuple[str, float]:
     """Precision of ``name``'s engine (that of the graph it was built from, recorded in the manifest's
-    ``tensorrt`` section) and its tolerance (fp32 engines built with the TF32 flag: :data:`TF32_REL_L2`)."""
+    ``tensorrt`` section) and its tolerance. fp32 engines get :data:`TF32_REL_L2` unless built with TF32 cleared
+    (``export.build --no-tf32``): TensorRT's TF32 flag is on by default."""
     plan = (manifest.tensorrt or {}).get("engines", {}).get(name, {})
     precision = plan.get("precision", manifest.models[name].precision)
-    tf32 = precision == "fp32" and "TF32" in plan.get("flags", ())
-    return precision, TF32_REL_L2 if tf32 else TOLERANCES[precision]
+    tf32 = precision == "fp32" and plan.get("tf32", True)
+    return precision, TF32_REL_L2 if tf32 else tolerance_of(precision)
+
+
+def select_graphs(graphs: dict[str, str], precisions: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The graph keys of ``graphs`` (``ModelEntry.graphs()``) whose precision family is in ``precisions``
+    (``None``: all), in :data:`PRECISIONS` order; a requested precision the model has no graph of stays (its row
+    says so)."""
+    wanted = []
+    for p in precisions or PRECISIONS:
+        keys = sorted(k for k in graphs if precision_family(k) == p)
+        wanted += keys or ([p] if precisions else [])
+    return tuple(wanted)
 
 
 def onnxruntime_rows(directory: Path, name: str, graphs: dict[str, str], precisions: tuple[str, ...],
@@ -267,12 +242,12 @@ def onnxruntime_rows(directory: Path, name: str, graphs: dict[str, str], precisi
                 outputs[precision] = run_onnxruntime(safe_join(directory, graphs[precision]), feeds)
             except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NotImplemented,
                     ort_errors.RuntimeException, PolygraphyException) as e:
-                if precision in ORT_CPU_UNSUPPORTED:
-                    row.note = f"{ORT_CPU_UNSUPPORTED[precision]}: {first_line(e)}"
+                if base_precision(precision) in ORT_CPU_UNSUPPORTED:
+                    row.note = f"{ORT_CPU_UNSUPPORTED[base_precision(precision)]}: {first_line(e)}"
                 else:
                     row.result, row.note = FAIL, f"ONNX Runtime failed: {first_line(e)}"
             else:
-                compare(row, outputs[precision], expected, TOLERANCES[precision])
+                compare(row, outputs[precision], expected, tolerance_of(precision))
         rows.append(row)
     return rows, outputs
 
@@ -328,19 +303,18 @@ def run_parity(directory: str | Path, precisions: tuple[str, ...] | None = None,
     if unknown:
         raise ConfigError(f"unknown models {unknown}; choose from {list(MODEL_IO)}")
     manifest.verify(directory, list(names))
-    available = {n: graphs_of(manifest.models[n]) for n in names}
-    absent = [p for p in precisions or () if not any(p in g for g in available.values())]
+    available = {n: manifest.models[n].graphs() for n in names}
+    absent = [p for p in precisions or () if not any(precision_family(k) == p for g in available.values() for k in g)]
     if absent:
         raise ConfigError(f"{directory} has no {absent} graphs of {list(names)}; export them (python -m export.onnx "
-                          f"--fp16/--bf16; fp8: python -m calibration.quantize --export)")
+                          f"--fp16/--bf16; fp8: python -m export.onnx --fp8)")
     if "tensorrt" in backends and any(manifest.models[n].engine for n in names):
-        trt = import_tensorrt()
-        check_tensorrt_section(manifest.tensorrt, trt.__version__, torch.cuda.get_device_name(),
-                               torch.cuda.get_device_capability(), directory)
+        trt, gpu = import_tensorrt_gpu(what="the TensorRT half of the parity check")
+        check_tensorrt_section(manifest.tensorrt, trt.__version__, gpu.name, gpu.compute_capability, directory)
     rows: list[Row] = []
-    for name in tqdm(names, desc="parity", disable=not progress):
+    for name in progress_bar(names, "parity", progress):
         feeds, expected = load_references(directory, name, manifest.models[name])
-        wanted = precisions or tuple(p for p in PRECISIONS if p in available[name])
+        wanted = select_graphs(available[name], precisions)
         ort_outputs = None
         if "onnxruntime" in backends:
             ort_rows, ort_outputs = onnxruntime_rows(directory, name, available[name], wanted, feeds, expected)
@@ -365,6 +339,19 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[Row]) -> str:
+    """The rows as a Markdown table (what the README shows, pasted from this output)."""
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| model | precision | backend | vs | rel L2 | max abs | cosine | tolerance | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.precision} | {r.backend} | {r.vs} | {num(r.rel_l2, '.2e')} | "
+              f"{num(r.max_abs, '.2e')} | {num(r.cosine, '.8f')} | {num(r.tolerance, '.0e')} | {r.result} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def report_json(directory: str | Path, backends: tuple[str, ...], rows: list[Row]) -> dict[str, Any]:
     """The report as JSON-ready data: build directory, backends, tolerances and every row."""
     return {"build": str(directory), "backends": list(backends), "tolerances": TOLERANCES,
@@ -375,7 +362,8 @@ def report_json(directory: str | Path, backends: tuple[str, ...], rows: list[Row
 @cli_main(logger)  # other DynaIPErrors (bad arguments or build directory): one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--build", required=True, help="build directory (python -m export.onnx or export.build)")
+    p.add_argument("--engine-dir", required=True, metavar="DIR",
+                   help="build folder (python -m export.onnx or export.build)")
     p.add_argument("--precisions", default="auto",
                    help=f"comma list of {','.join(PRECISIONS)}, or auto: every graph in the build")
     p.add_argument("--models", default="auto", help=f"comma list of {','.join(MODEL_IO)}, or auto: every model")
@@ -383,21 +371,25 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"auto (ONNX Runtime, plus TensorRT when it and a GPU are present) or a comma list of "
                         f"{','.join(BACKENDS)}")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--format", choices=("text", "markdown"), default="text", help="how the table is printed")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
+    quiet_polygraphy(args.verbose)
+    if args.json:
+        check_writable_file(args.json, "--json", written_json_report)
+    Manifest.load(args.engine_dir, what=f"--engine-dir {args.engine_dir}")  # before any backend is imported
     precisions = parse_list(args.precisions, PRECISIONS, "precisions")
     models = parse_list(args.models, tuple(MODEL_IO), "models")
     try:
         backends = resolve_backends(args.backends)
-        rows = run_parity(args.build, precisions, models, backends)
+        rows = run_parity(args.engine_dir, precisions, models, backends)
     except BackendUnavailableError as e:
         logger.error("%s", e)
         return EXIT_NEEDS_BACKEND
-    print(format_table(rows))
+    print(format_markdown(rows) if args.format == "markdown" else format_table(rows))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report_json(args.build, backends, rows), indent=1))
+        write_json_report(args.json, report_json(args.engine_dir, backends, rows))
     failed = [r for r in rows if r.result == FAIL]
     if failed:
         logger.error("%d of %d comparisons failed", len(failed), len(rows))

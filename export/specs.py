@@ -3,55 +3,22 @@ concrete shapes for any request envelope, min/opt/max engine profiles, sample in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.manifest import MODEL_IO
-from dynaip_trt.models import DynaIPModels
 from dynaip_trt.sampling import image_token_count, latent_image_ids, text_ids
 
-from .wrappers import ClipLevels, DiTStep, FusionKV, TextEncoders, VaeDecode
+from .envelope import Envelope
+
+if TYPE_CHECKING:  # the declarations are lean: torch and the model code load when a module or input is built
+    import torch
+    from torch import nn
+
+    from dynaip_trt.models import DynaIPModels
 
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """The range of requests an export/engine must serve.
-
-    Attributes:
-        batch: (min, opt, max) images per call.
-        subjects: (min, opt, max) subjects per request.
-        views: maximum reference images per subject (CLIP batch = batch * subjects * views).
-        resolutions: (height, width) pairs; min/max are taken over them, opt is the first.
-    """
-
-    batch: tuple[int, int, int] = (1, 1, 4)
-    subjects: tuple[int, int, int] = (1, 2, 4)
-    views: int = 2
-    resolutions: tuple[tuple[int, int], ...] = ((1024, 1024),)
-
-    def __post_init__(self) -> None:
-        for name in ("batch", "subjects"):
-            lo, opt, hi = getattr(self, name)
-            if not 1 <= lo <= opt <= hi:
-                raise ConfigError(f"{name} range {getattr(self, name)} must satisfy 1 <= min <= opt <= max")
-        if not self.resolutions:
-            raise ConfigError("at least one resolution is needed")
-
-    def points(self) -> dict[str, tuple[int, int, int, int]]:
-        """(batch, subjects, height, width) at min, opt and max."""
-        hs = [r[0] for r in self.resolutions]
-        ws = [r[1] for r in self.resolutions]
-        return {
-            "min": (self.batch[0], self.subjects[0], min(hs), min(ws)),
-            "opt": (self.batch[1], self.subjects[1], *self.resolutions[0]),
-            "max": (self.batch[2], self.subjects[2], max(hs), max(ws)),
-        }
 
 
 class ModelSpec:
@@ -63,8 +30,8 @@ class ModelSpec:
     def __init__(self, models: DynaIPModels | DynaIPConfig):
         """``models``: the family to export, or only its config for a shape-only spec (profiles, sample inputs;
         :meth:`module` then raises)."""
-        self._models = models if isinstance(models, DynaIPModels) else None
-        self.cfg: DynaIPConfig = models.config if isinstance(models, DynaIPModels) else models
+        self._models = None if isinstance(models, DynaIPConfig) else models
+        self.cfg: DynaIPConfig = models if isinstance(models, DynaIPConfig) else models.config
 
     @property
     def models(self) -> DynaIPModels:
@@ -80,7 +47,9 @@ class ModelSpec:
     def output_names(self) -> tuple[str, ...]:
         return MODEL_IO[self.name][1]
 
-    def module(self) -> nn.Module:
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The flat module (:mod:`dynaip_trt.stage_modules`) computing in ``dtype`` (default float32), float32 in
+        and out."""
         raise NotImplementedError
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -105,6 +74,8 @@ class ModelSpec:
         """Valid random inputs. Defaults use sizes >= 2 on every dynamic axis (size-1 examples become static)."""
         height = height or self.cfg.height
         width = width or self.cfg.width - self.cfg.pixel_multiple  # non-square: distinct dynamic dims
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         out = {}
         for name, shape in self.shapes(batch, subjects, height, width).items():
@@ -122,8 +93,10 @@ class ModelSpec:
 class ClipSpec(ModelSpec):
     name = "clip"
 
-    def module(self) -> nn.Module:
-        return ClipLevels(self.models.vision, self.cfg.adapter.tap_layers)
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import ClipLevels
+
+        return ClipLevels(self.models.vision, self.cfg.adapter.tap_layers, dtype, self.cfg.adapter.encoder)
 
     def dynamic_axes(self):
         return {"pixel_values": {0: "images"}}
@@ -143,19 +116,23 @@ class ClipSpec(ModelSpec):
 class FusionSpec(ModelSpec):
     name = "fusion"
 
-    def module(self) -> nn.Module:
-        return FusionKV(self.models.adapter)
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import FusionKV
+
+        return FusionKV(self.models.adapter, dtype)
 
     def dynamic_axes(self):
         return {"levels": {0: "batch", 1: "subjects"}, "level_weights": {0: "batch", 1: "subjects"},
                 "level_override": {0: "batch", 1: "subjects"}}
 
     def shapes(self, batch, subjects, height, width):
-        v, a = self.cfg.vision, self.cfg.adapter
-        return {"levels": (batch, subjects, a.num_levels, v.num_tokens, v.hidden_size),
-                "level_weights": (batch, subjects, a.num_levels), "level_override": (batch, subjects)}
+        levels, tokens, width = self.cfg.level_shape
+        return {"levels": (batch, subjects, levels, tokens, width),
+                "level_weights": (batch, subjects, levels), "level_override": (batch, subjects)}
 
     def fix_inputs(self, inputs, height, width):
+        import torch
+
         inputs["level_weights"] = inputs["level_weights"].abs()
         inputs["level_override"] = (torch.arange(inputs["level_override"].numel()) % 2).float().reshape(
             inputs["level_override"].shape)
@@ -166,8 +143,10 @@ class TextSpec(ModelSpec):
     name = "text"
     precisions = ("fp32", "bf16")  # T5 overflows in fp16
 
-    def module(self) -> nn.Module:
-        return TextEncoders(self.models.clip_text, self.models.t5)
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import TextEncoders
+
+        return TextEncoders(self.models.clip_text, self.models.t5, dtype)
 
     def dynamic_axes(self):
         return {"clip_ids": {0: "batch"}, "t5_ids": {0: "batch"}}
@@ -185,42 +164,51 @@ class DiTSpec(ModelSpec):
     name = "dit"
     precisions = ("fp32", "fp16", "bf16", "fp8")
 
-    def module(self) -> nn.Module:
-        return DiTStep(self.models.transformer, self.cfg.adapter.attention_mode)
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import DiTStep
+
+        return DiTStep(self.models.transformer, self.cfg.adapter.attention_mode, dtype)
 
     def dynamic_axes(self):
         bn = {0: "batch", 1: "image_tokens"}
         return {"latents": bn, "text_embeds": {0: "batch"}, "pooled": {0: "batch"}, "timestep": {0: "batch"},
-                "guidance": {0: "batch"}, "img_ids": {0: "image_tokens"}, "img_k": {1: "batch", 2: "subjects"},
-                "img_v": {1: "batch", 2: "subjects"}, "scales": {0: "batch", 1: "subjects"},
-                "masks": {0: "batch", 1: "subjects", 2: "image_tokens"}}
+                "timestep_next": {0: "batch"}, "guidance": {0: "batch"}, "img_ids": {0: "image_tokens"},
+                "img_k": {1: "batch", 2: "subjects"}, "img_v": {1: "batch", 2: "subjects"},
+                "scales": {0: "batch", 1: "subjects"}, "masks": {0: "batch", 1: "subjects", 2: "image_tokens"}}
 
     def shapes(self, batch, subjects, height, width):
         c, t = self.cfg, self.cfg.transformer
         n = image_token_count(height, width, c.vae.spatial_factor)
-        blocks = t.num_layers + (t.num_single_layers if c.adapter.inject_single else 0)
+        blocks = c.injected_blocks
         kv = (blocks, batch, subjects, c.adapter.num_tokens, t.inner_dim)
         return {"latents": (batch, n, t.in_channels), "text_embeds": (batch, c.text.max_text_length,
                 t.joint_attention_dim), "pooled": (batch, t.pooled_projection_dim), "timestep": (batch,),
-                "guidance": (batch,), "img_ids": (n, 3), "txt_ids": (c.text.max_text_length, 3), "img_k": kv,
-                "img_v": kv, "scales": (batch, subjects), "masks": (batch, subjects, n)}
+                "timestep_next": (batch,), "guidance": (batch,), "img_ids": (n, 3),
+                "txt_ids": (c.text.max_text_length, 3), "img_k": kv, "img_v": kv, "scales": (batch, subjects),
+                "masks": (batch, subjects, n), "block_scales": (blocks,)}
 
     def fix_inputs(self, inputs, height, width):
+        import torch
+
         b = inputs["latents"].shape[0]
         inputs["timestep"] = torch.linspace(0.9, 0.3, b)
+        inputs["timestep_next"] = inputs["timestep"] - 0.2
         inputs["guidance"] = torch.full((b,), self.cfg.guidance)
-        inputs["img_ids"] = latent_image_ids(height, width, self.cfg.vae.spatial_factor)
-        inputs["txt_ids"] = text_ids(self.cfg.text.max_text_length)
+        inputs["img_ids"] = torch.from_numpy(latent_image_ids(height, width, self.cfg.vae.spatial_factor))
+        inputs["txt_ids"] = torch.from_numpy(text_ids(self.cfg.text.max_text_length))
         inputs["scales"] = inputs["scales"].abs()
         inputs["masks"] = (inputs["masks"] > -0.5).float()
+        inputs["block_scales"] = 0.5 + inputs["block_scales"].abs()
         return inputs
 
 
 class VaeSpec(ModelSpec):
     name = "vae"
 
-    def module(self) -> nn.Module:
-        return VaeDecode(self.models.vae)
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import VaeDecode
+
+        return VaeDecode(self.models.vae, dtype)
 
     def dynamic_axes(self):
         return {"latents": {0: "batch", 2: "latent_height", 3: "latent_width"}}
@@ -231,6 +219,8 @@ class VaeSpec(ModelSpec):
 
 
 SPECS: dict[str, type[ModelSpec]] = {s.name: s for s in (ClipSpec, FusionSpec, TextSpec, DiTSpec, VaeSpec)}
+FP16_MODELS = tuple(n for n, s in SPECS.items() if "fp16" in s.precisions)  # not text: T5 overflows in fp16
+BF16_MODELS = tuple(n for n, s in SPECS.items() if "bf16" in s.precisions)
 
 
 def get_spec(name: str, models: DynaIPModels | DynaIPConfig) -> ModelSpec:

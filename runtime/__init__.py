@@ -1,21 +1,15 @@
-"""dynaip-trt runtime: DynaIP generation from a build directory (ONNX Runtime, TensorRT) or PyTorch weights.
+"""dynaip-trt runtime: DynaIP generation from a build folder (ONNX Runtime, TensorRT) or PyTorch weights.
 
-Imports only :mod:`dynaip_trt` (never ``export``, ``calibration`` or training code); ONNX Runtime and TensorRT are
-imported when a backend that needs them is created.
+Lean: importing it (and generating with the ONNX Runtime or TensorRT backend) loads no torch, diffusers or
+transformers; it imports only the contract modules of :mod:`dynaip_trt`. The torch backend is imported on first use.
 
     from runtime import DynaIPEngine
     engine = DynaIPEngine.from_dir("build/tiny", backend="onnxruntime")
-    images = engine.generate("a photo of the subject", references=["examples/subject_a.png"], seed=0)
+    images = engine.generate("a photo of the subject", ["examples/subject_a.png"], seed=0)
 """
 
-from .cuda_graphs import CapturedGraph, GraphCache, capture_graph, ensure_free_memory
-from .engine import BACKENDS, DynaIPEngine
-from .exported import ExportedStages
-from .ort_backend import OrtStages
-from .torch_backend import TorchGraphStages
-from .trt_backend import TrtEngine, TrtStages, check_tensorrt_section
+from dynaip_trt.request import GenerationRequest
 
-__all__ = [
-    "BACKENDS", "CapturedGraph", "DynaIPEngine", "ExportedStages", "GraphCache", "OrtStages", "TorchGraphStages",
-    "TrtEngine", "TrtStages", "capture_graph", "check_tensorrt_section", "ensure_free_memory",
-]
+from .engine import BACKENDS, DynaIPEngine
+
+__all__ = ["BACKENDS", "DynaIPEngine", "GenerationRequest"]

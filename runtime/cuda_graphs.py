@@ -1,6 +1,5 @@
-"""CUDA-graph capture/replay of one DiT step per shape bucket, and GPU memory checks.
-
-Shared by the PyTorch backend (:mod:`runtime.torch_backend`) and the TensorRT backend (:mod:`runtime.trt_backend`):
+"""CUDA-graph capture/replay of one DiT step per shape bucket with ``torch.cuda.CUDAGraph``, and GPU memory checks,
+for the PyTorch backend (:mod:`runtime.torch_backend`; the TensorRT backend captures through cuda-python):
 
 - A captured graph is valid for one set of shapes only, so graphs are keyed by a *bucket* (batch, resolution,
   subject count, ... = the shapes of every input) and kept in a small LRU :class:`GraphCache`.
@@ -16,9 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator
+from typing import Callable, Hashable
 
 import torch
 
@@ -54,46 +52,23 @@ def ensure_free_memory(device: torch.device, needed: int, what: str) -> None:
         )
 
 
-@contextmanager
-def stream_scope(device: torch.device, stream: torch.cuda.Stream) -> Iterator[torch.cuda.Stream]:
-    """Run the block on ``device`` and ``stream``, ordered after the caller's stream and before the caller's later
-    work (event waits, no host sync). Yields the caller's stream (to ``record_stream`` tensors handed back)."""
-    with torch.cuda.device(device):
-        caller = torch.cuda.current_stream(device)
-        stream.wait_stream(caller)
-        with torch.cuda.stream(stream):
-            yield caller
-        caller.wait_stream(stream)
-
-
 @dataclass
 class CapturedGraph:
     """One captured step: static input buffers, the graph, and its static output buffer.
 
     Attributes:
         graph: the captured ``torch.cuda.CUDAGraph``.
-        inputs: ``{name: static input buffer}``; :meth:`replay` copies new values into them.
+        inputs: ``{name: static input buffer}``; copy new values into them before ``graph.replay()``.
         output: the static output buffer the graph writes (overwritten by every replay).
-        keepalive: objects the graph's kernels point into (e.g. a TensorRT execution context) that must live as
-            long as the graph.
     """
 
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
     output: torch.Tensor
-    keepalive: Any = None
-
-    def replay(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Copy ``feeds`` (same shapes as the captured inputs, any float dtype) into the static inputs, replay,
-        and return the static output buffer (valid until the next replay)."""
-        for name, value in feeds.items():
-            self.inputs[name].copy_(value, non_blocking=True)
-        self.graph.replay()
-        return self.output
 
 
 def capture_graph(inputs: dict[str, torch.Tensor], fn: Callable[[], torch.Tensor],
-                  stream: torch.cuda.Stream | None = None, keepalive: Any = None) -> CapturedGraph:
+                  stream: torch.cuda.Stream | None = None) -> CapturedGraph:
     """Capture ``fn`` (which reads only ``inputs`` and returns one floating-point output tensor) as a CUDA graph.
 
     ``inputs`` must already hold the values of the current call: the returned graph has been replayed once, so
@@ -117,7 +92,7 @@ def capture_graph(inputs: dict[str, torch.Tensor], fn: Callable[[], torch.Tensor
             "the captured CUDA graph did not write its output (empty capture: was the model loaded under another "
             "CUDA device?); run with CUDA graphs turned off and report the problem"
         )
-    return CapturedGraph(graph, inputs, output, keepalive)
+    return CapturedGraph(graph, inputs, output)
 
 
 @dataclass

@@ -1,200 +1,251 @@
 """``DynaIPEngine``: the deployable entry point over any backend.
 
-The engine IS the reference sampling driver (:class:`~dynaip_trt.pipeline.DynaIPPipeline`: request validation,
-schedule, noise, reference cache) with backend stages plugged in, plus a lock so one engine can be shared by
-threads, and the device/stream scope GPU backends need around every call.
+An engine composes a backend's :class:`~runtime.stages.Stages` with the sampling loop (:class:`~runtime.sampler.
+Sampler`: validation, caches, noise, schedule) and a lock, so one engine can be shared by threads. The ONNX Runtime
+and TensorRT backends load no torch, diffusers or transformers; the torch backend (``from_config``,
+``from_weights``, ``from_models``) imports them on first use.
 
     engine = DynaIPEngine.from_dir("build/tiny", backend="onnxruntime")
-    images = engine.generate("a photo of the two subjects on a beach", references=["a.png", "b.png"], seed=1)
+    image = engine.generate("a photo of the two subjects on a beach", ["a.png", "b.png"], seed=1)[0]
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import dataclasses
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Sequence
 
-import torch
+import numpy as np
 from PIL import Image
 
-from dynaip_trt.configs import DynaIPConfig, get_config
-from dynaip_trt.errors import BackendUnavailableError, ConfigError
-from dynaip_trt.fp8 import quantize_fp8_
+from dynaip_trt.conditioning import ReferenceKV
+from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig
+from dynaip_trt.errors import ConfigError, InputError
 from dynaip_trt.images import ImageLike
-from dynaip_trt.manifest import Manifest
-from dynaip_trt.models import DynaIPModels, build_models
-from dynaip_trt.pipeline import DynaIPPipeline, ReferenceKV, Stages
-from dynaip_trt.request import TextBranchSchedule, check_backend
-from dynaip_trt.text import ByteTokenizer, HFTokenizer
-from dynaip_trt.weights import load_models
+from dynaip_trt.manifest import Manifest, max_batch_of
+from dynaip_trt.request import GenerationRequest, batch_key, prompt_fields
+from dynaip_trt.text import Tokenizer
 
-from .exported import build_tokenizers
-from .torch_backend import TorchGraphStages, place_models
+from .sampler import Sampler
+from .stages import Stages
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-F = TypeVar("F", bound=Callable)
+DEFAULT_CACHE_BYTES = 256 * 2**20
+OUTPUT_TYPES = ("pil", "latent")
 
 
-def _locked(method: F) -> F:
-    """Serialise ``method`` on the engine's lock and run it in the backend's device/stream scope."""
+class DynaIPEngine:
+    """DynaIP generation on the ``tensorrt``, ``onnxruntime`` or ``torch`` backend; safe to share across threads.
 
-    @functools.wraps(method)
-    def wrapper(self: "DynaIPEngine", *args, **kwargs):
-        with self._lock, self._scope():
-            return method(self, *args, **kwargs)
+    Build one with :meth:`from_dir` (a build folder of ``export.onnx`` / ``export.build``), :meth:`from_config`
+    (the embedded default or seeded reference models) or :meth:`from_weights` (local checkpoints). Calls are
+    serialised by a re-entrant lock: concurrent callers wait, and get the results sequential calls give.
 
-    return wrapper  # type: ignore[return-value]
-
-
-def _cuda_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {device} requested but CUDA is not available (no GPU, or a CPU "
-                                      f"build of torch)")
-    return device
-
-
-class DynaIPEngine(DynaIPPipeline):
-    """DynaIP generation on the ``torch``, ``onnxruntime`` or ``tensorrt`` backend; safe to share across threads.
-
-    Build one with :meth:`from_dir` (a build directory of ``export.onnx`` / ``export.build``), :meth:`from_config`
-    (seeded reference models, e.g. the embedded ``tiny`` default) or :meth:`from_weights` (local checkpoints).
-    Calls are serialised by a re-entrant lock: concurrent callers wait, and get the results sequential calls give.
+    Args:
+        config: the model config; stages: the backend; tokenizers: the CLIP and T5 tokenizers.
+        cache_bytes: budget of the reference K/V cache and of the prompt-embedding cache (each; 0 disables them).
+        info: what :meth:`summary` reports besides the config (the build's precision and profiles).
     """
 
-    def __init__(self, config: DynaIPConfig, stages: Stages, clip_tokenizer: ByteTokenizer | HFTokenizer,
-                 t5_tokenizer: ByteTokenizer | HFTokenizer, backend: str, cache_size: int = 32):
-        super().__init__(config, stages, clip_tokenizer, t5_tokenizer, cache_size)
-        self.backend = backend
+    def __init__(self, config: DynaIPConfig, stages: Stages, tokenizers: tuple[Tokenizer, Tokenizer],
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, info: dict[str, Any] | None = None):
+        self.sampler = Sampler(config, stages, tokenizers, config.injected_blocks, cache_bytes)
+        self.info = dict(info or {})
         self._lock = threading.RLock()
+
+    @property
+    def config(self) -> DynaIPConfig:
+        return self.sampler.config
+
+    @property
+    def stages(self) -> Stages:
+        return self.sampler.stages
+
+    @property
+    def backend(self) -> str:
+        return self.stages.backend
+
+    @property
+    def max_subjects(self) -> int:
+        return self.stages.max_subjects
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch one call may have (the build's profile), or ``None`` (torch: memory permitting)."""
+        return self.info.get("max_batch")
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_dir(cls, path: str | Path, backend: str = "tensorrt", device: str | torch.device | None = None,
-                 precision: str = "fp32", providers: Sequence[str] | None = None, cuda_graphs: bool = True
-                 ) -> "DynaIPEngine":
-        """Load a build directory (``manifest.json`` + the files it lists; hashes verified before loading).
+    def from_dir(cls, path: str | Path, backend: str = "onnxruntime", device: str | None = None,
+                 precision: str = "fp32", providers: Sequence[str] | None = None, cuda_graphs: bool = True,
+                 threads: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "DynaIPEngine":
+        """Load a build folder (``manifest.json`` + the files it lists; hashes verified before loading).
 
         Args:
-            backend: ``"tensorrt"`` (the engines of ``export.build``) or ``"onnxruntime"`` (the ONNX graphs).
-                ``"torch"`` needs weights, not a build directory: use :meth:`from_config` / :meth:`from_weights`.
-            device: TensorRT: the CUDA device (default the current one). ONNX Runtime: ``"cpu"`` or ``"cuda"``
-                picks the execution provider (default: CUDA when onnxruntime-gpu sees a GPU, else CPU).
-            precision: ONNX Runtime: ``"fp32"`` or a variant the manifest lists (``"fp16"``).
+            backend: ``"onnxruntime"`` (the ONNX graphs) or ``"tensorrt"`` (the engines of ``export.build``).
+            device: ONNX Runtime: ``"cpu"`` or ``"cuda[:N]"`` (default: CUDA when onnxruntime-gpu sees a GPU, else
+                CPU). TensorRT: ``"cuda[:N]"`` (default the first GPU).
+            precision: ONNX Runtime: ``"fp32"`` or a variant the build lists (``"fp16"``, ``"fp8"``); TensorRT
+                engines have the precision they were built with.
             providers: ONNX Runtime execution providers, overriding ``device``.
-            cuda_graphs: TensorRT: replay the DiT step from a CUDA graph per bucket.
+            cuda_graphs: TensorRT: replay the denoising step from a CUDA graph per shape bucket.
+            threads: ONNX Runtime intra-op threads per session (0: ONNX Runtime's default), so replicas sharing a
+                machine can split its cores.
+            cache_bytes: see the class.
         """
-        check_backend(backend, BACKENDS)
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
         if backend == "torch":
-            raise ConfigError("backend 'torch' runs PyTorch weights, not a build directory: use "
+            raise ConfigError("backend 'torch' runs PyTorch weights, not a build folder: use "
                               "DynaIPEngine.from_config(name) or DynaIPEngine.from_weights(base, clip, adapter)")
         manifest = Manifest.load(path)
+        cfg = manifest.dynaip_config
         if backend == "onnxruntime":
             from .ort_backend import OrtStages
 
-            if providers is None and device is not None:
-                dev = torch.device(device)
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if dev.type == "cuda" else [
-                    "CPUExecutionProvider"]
-            stages: Stages = OrtStages(path, manifest, providers=providers, precision=precision)
+            stages: Stages = OrtStages(path, manifest, device=device, providers=providers, precision=precision,
+                                       threads=threads)
         else:
             from .trt_backend import TrtStages
 
             if precision != "fp32":
                 raise ConfigError("the precision of TensorRT engines is fixed when they are built (export.build); "
                                   "precision= applies to the onnxruntime backend")
-            stages = TrtStages(path, manifest, device=device or "cuda", cuda_graphs=cuda_graphs)
-        clip_tok, t5_tok = build_tokenizers(path)
-        return cls(manifest.dynaip_config, stages, clip_tok, t5_tok, backend)
+            stages = TrtStages(path, manifest, device=_cuda_index(device), cuda_graphs=cuda_graphs)
+        tokenizers = (Tokenizer.load(Path(path) / "tokenizer", cfg.text.clip_max_length),
+                      Tokenizer.load(Path(path) / "tokenizer_2", cfg.text.max_text_length))
+        info = {"build": str(path), "precision": precision if backend == "onnxruntime" else
+                (manifest.tensorrt or {}).get("precision"), "max_batch": max_batch_of(manifest),
+                "profiles": {name: entry.profile for name, entry in manifest.models.items()}}
+        return cls(cfg, stages, tokenizers, cache_bytes, info)
 
     @classmethod
-    def from_models(cls, models: DynaIPModels, cuda_graphs: bool = True, fp8: bool = False) -> "DynaIPEngine":
-        """Torch backend over an in-memory model family (on its current device).
+    def from_models(cls, models, cuda_graphs: bool = True, fp8: bool = False,
+                    cache_bytes: int = DEFAULT_CACHE_BYTES) -> "DynaIPEngine":
+        """Torch backend over an in-memory :class:`~dynaip_trt.models.DynaIPModels` family (on its device). The
+        caller's models are never modified.
 
-        ``fp8``: replace the DiT's block linear layers, in place, by FP8 GEMMs (``torch._scaled_mm``, dynamic
-        per-tensor input scales; see :mod:`dynaip_trt.fp8`). GPUs need FP8 tensor cores (compute capability 8.9+).
+        ``fp8``: run the DiT's block linear layers as FP8 GEMMs (``torch._scaled_mm``, dynamic per-tensor input
+        scales) on a converted copy of the transformer; GPUs need FP8 tensor cores (compute capability 8.9+).
         """
-        if fp8:
-            if models.device.type == "cuda" and torch.cuda.get_device_capability(models.device) < (8, 9):
-                raise BackendUnavailableError(f"fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. L40S, "
-                                              f"H100); {torch.cuda.get_device_name(models.device)} has none")
-            logger.info("fp8: %d DiT linear layers now run torch._scaled_mm", quantize_fp8_(models.transformer))
-        stages = TorchGraphStages(models, cuda_graphs=cuda_graphs)
-        return cls(models.config, stages, models.clip_tokenizer, models.t5_tokenizer, "torch")
+        from .torch_backend import TorchStages
+
+        stages = TorchStages(models, cuda_graphs=cuda_graphs, fp8=fp8)
+        return cls(models.config, stages, (models.clip_tokenizer, models.t5_tokenizer), cache_bytes,
+                   {"precision": f"torch {'fp8' if fp8 else str(models.dtype).removeprefix('torch.')}"})
 
     @classmethod
-    def from_config(cls, name: str = "tiny", seed: int = 0, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, cuda_graphs: bool = True, fp8: bool = False
+    def from_config(cls, name: str = DEFAULT_CONFIG, seed: int = 0, device: str = "cpu", dtype=None,
+                    cuda_graphs: bool = True, fp8: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES
                     ) -> "DynaIPEngine":
-        """Torch backend over seeded reference models of a named config (``tiny`` is the embedded default).
+        """Torch backend over a named config's weights (embedded, or seeded random for ``tiny-random`` and
+        ``flux-dev``). On a CUDA ``device`` the denoising step replays from a CUDA graph per shape bucket unless
+        ``cuda_graphs=False``; ``fp8``: see :meth:`from_models`."""
+        from .torch_backend import load_models_on
 
-        On a CUDA ``device`` the DiT step is replayed from a CUDA graph per bucket unless ``cuda_graphs=False``;
-        ``fp8`` runs the DiT's block linears as FP8 GEMMs (see :meth:`from_models`).
-        """
-        device = _cuda_device(device)
-        models = place_models(build_models(get_config(name), seed=seed), device, dtype)
-        return cls.from_models(models, cuda_graphs=cuda_graphs, fp8=fp8)
+        return cls.from_models(load_models_on(device, dtype, config=name, seed=seed), cuda_graphs, fp8, cache_bytes)
 
     @classmethod
     def from_weights(cls, base_dir: str | Path, clip_dir: str | Path, adapter_path: str | Path | None = None,
-                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                     cuda_graphs: bool = True, fp8: bool = False) -> "DynaIPEngine":
-        """Torch backend over local checkpoints (see :func:`dynaip_trt.weights.load_models`; ``fp8``: see
-        :meth:`from_models`)."""
-        device = _cuda_device(device)
-        models = place_models(load_models(base_dir, clip_dir, adapter_path), device, dtype)
-        return cls.from_models(models, cuda_graphs=cuda_graphs, fp8=fp8)
+                     device: str = "cpu", dtype=None, cuda_graphs: bool = True, fp8: bool = False,
+                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> "DynaIPEngine":
+        """Torch backend over local checkpoints (see :func:`dynaip_trt.weights.load_models`)."""
+        from .torch_backend import load_models_on
+
+        models = load_models_on(device, dtype, base=base_dir, clip=clip_dir, adapter=adapter_path)
+        return cls.from_models(models, cuda_graphs, fp8, cache_bytes)
 
     # ------------------------------------------------------------------------------------------------- calls
-    def _scope(self) -> contextlib.AbstractContextManager:
-        """GPU backends: the stages' device, and their stream if they own one (so the driver's tensor ops and the
-        backend's kernels share one stream). CPU: nothing."""
-        device = self.stages.device
-        if device.type != "cuda":
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(device))
-        stream = getattr(self.stages, "stream", None)
-        if stream is not None:
-            stack.enter_context(torch.cuda.stream(stream))
-        return stack
-
-    __call__ = _locked(DynaIPPipeline.__call__)
-    encode_references = _locked(DynaIPPipeline.encode_references)
-    encode_prompt = _locked(DynaIPPipeline.encode_prompt)
-    denoise = _locked(DynaIPPipeline.denoise)
-    decode = _locked(DynaIPPipeline.decode)
-
-    def clear_reference_cache(self) -> None:
-        """Forget every cached reference encoding (the next request runs CLIP and the fusion module again)."""
-        with self._lock:
-            self._cache.clear()
-
-    def generate(self, prompt: str | Sequence[str],
-                 references: Sequence[ImageLike | Sequence[ImageLike]] | ReferenceKV,
-                 scales: float | Sequence[float] = 1.0, granularity=None, masks=None, steps: int | None = None,
-                 guidance: float | None = None, height: int | None = None, width: int | None = None,
-                 seed: int | None = None, text_branch: TextBranchSchedule | None = None,
-                 output_type: str = "pil", progress: bool = False) -> list[Image.Image] | torch.Tensor:
+    def generate(self, prompt: str | Sequence[str], references: Sequence[ImageLike | Sequence[ImageLike]] | ReferenceKV,
+                 scales: float | Sequence[float] = 1.0, granularity=None, masks=None, block_scales=None,
+                 steps: int | None = None, guidance: float | None = None, height: int | None = None,
+                 width: int | None = None, seed: int | None = None, truncate_prompt: bool = True, text_branch=None,
+                 negative_prompt: str | None = None, true_cfg_scale: float = 1.0, output_type: str = "pil",
+                 progress: bool = False) -> list[Image.Image] | np.ndarray:
         """Generate one image per prompt showing the reference subjects.
 
-        Args:
-            prompt: a prompt or a list of prompts (batch ``B``).
-            references: one image (path or PIL) or a list of views per subject, or a :class:`ReferenceKV` from
-                :meth:`encode_references` (encode once, reuse across prompts).
-            scales: one scale for all subjects or one per subject, in [0, 10].
-            granularity: CLIP level weights (``L`` values, or ``[S][L]``); ``None`` lets the router decide.
-            masks: per-subject regions (``(H, W)`` pixels or ``(H/16, W/16)`` tokens, values in [0, 1]).
-            steps, guidance, height, width, seed: sampling settings (defaults from the config).
-            text_branch: DDS schedule keeping the text-branch injection for the first steps (torch backend only).
-            output_type: ``"pil"`` for images, ``"latent"`` for the final packed latents ``[B, N, 64]``.
-            progress: show a tqdm bar over the denoising steps.
+        The arguments are the fields of :class:`~dynaip_trt.request.GenerationRequest` (see there); a list of
+        prompts shares the references and settings, and row ``i`` uses noise seed ``seed + i``. ``output_type``:
+        ``"pil"`` for images, ``"latent"`` for the final packed latents ``[B, N, 64]``; ``progress``: a bar over
+        the denoising steps.
         """
-        return self(prompt, references, scales=scales, granularity=granularity, masks=masks, steps=steps,
-                    guidance=guidance, height=height, width=width, seed=seed, text_branch=text_branch,
-                    output_type=output_type, progress=progress)
+        fields = prompt_fields(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        base = self.config.seed if seed is None else seed
+        requests = [GenerationRequest(
+            p, references, scales=scales, granularity=granularity, masks=masks, block_scales=block_scales,
+            steps=steps, guidance=guidance, height=height, width=width,
+            seed=base + i if type(base) is int else base, truncate_prompt=truncate_prompt, text_branch=text_branch,
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale) for i, p in enumerate(prompts)]
+        return self._generate(requests, fields, output_type, progress)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest], output_type: str = "pil",
+                       progress: bool = False) -> list[Image.Image] | np.ndarray:
+        """One image per request, generated as one batch: the requests must share :meth:`batch_key` (steps, size,
+        subject count, masks or not, block scales, DDS schedule, true CFG or not) and be at most :attr:`max_batch`
+        (half of it with true CFG: each request adds its negative row); each keeps its
+        own prompt, references, scales, masks, guidance and seed, and gets the image it would get alone."""
+        if not isinstance(requests, (list, tuple)) or not requests:
+            raise InputError("requests must be a non-empty list of GenerationRequest")
+        return self._generate(requests, [f"requests[{i}].prompt" for i in range(len(requests))], output_type,
+                              progress)
+
+    def _generate(self, requests: Sequence[GenerationRequest], prompt_fields: list[str], output_type: str,
+                  progress: bool) -> list[Image.Image] | np.ndarray:
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type={output_type!r} must be 'pil' or 'latent'")
+        if self.max_batch is not None and len(requests) > self.max_batch:
+            raise InputError(f"{len(requests)} requests in one batch; this build serves batches of 1..{self.max_batch} "
+                             f"(rebuild with export.build --batch)")
+        with self._lock:
+            rows = [self.sampler.validate(r, f) for r, f in zip(requests, prompt_fields)]
+            if rows[0].uses_true_cfg and self.max_batch is not None and 2 * len(rows) > self.max_batch:
+                raise InputError(f"{len(rows)} request(s) with true CFG run {2 * len(rows)} DiT rows (each with its "
+                                 f"negative row); this build serves batches of 1..{self.max_batch} (rebuild with "
+                                 f"export.build --batch)")
+            latents = self.sampler.run(rows, progress)
+            if output_type == "latent":
+                return latents
+            return self.sampler.decode(latents, rows[0].height, rows[0].width)
+
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """What requests must share to be generated in one :meth:`generate_batch` call (validates ``request``)."""
+        return batch_key(self.sampler.validate(request))
+
+    def encode_references(self, references: Sequence[ImageLike | Sequence[ImageLike]], granularity=None,
+                          text_branch: bool = False) -> ReferenceKV:
+        """Encode reference images once (CLIP + fusion) to reuse across prompts: pass the result as
+        ``references`` to :meth:`generate`. K/V ``[blocks, 1, S, T, inner]`` (numpy)."""
+        with self._lock:
+            return self.sampler.encode_references(references, granularity, text_branch)
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Hits, misses, bytes and entries of the reference and prompt caches."""
+        return {"references": self.sampler.references.stats(), "prompts": self.sampler.prompts.stats()}
+
+    def clear_caches(self) -> None:
+        """Forget every cached reference encoding and prompt embedding."""
+        self.sampler.references.clear()
+        self.sampler.prompts.clear()
+
+    def summary(self) -> dict[str, Any]:
+        """What this engine serves: backend, config name, precision, subjects, batch, resolutions, options."""
+        cfg = self.config
+        fields = [f.name for f in dataclasses.fields(GenerationRequest)]
+        return {"backend": self.backend, "config": cfg.name, "max_subjects": self.max_subjects,
+                "default_size": [cfg.height, cfg.width], "pixel_multiple": cfg.pixel_multiple,
+                "levels": cfg.adapter.num_levels, "blocks": cfg.injected_blocks, "options": fields, **self.info}
+
+
+def _cuda_index(device: str | None) -> int:
+    """``None``/``"cuda"`` -> 0, ``"cuda:N"`` -> N; anything else is a :class:`ConfigError`."""
+    if device is None or device == "cuda":
+        return 0
+    head, _, index = str(device).partition(":")
+    if head != "cuda" or not index.isdigit():
+        raise ConfigError(f"the tensorrt backend runs on a CUDA device ('cuda' or 'cuda:N'), not {device!r}")
+    return int(index)

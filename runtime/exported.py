@@ -1,133 +1,96 @@
-"""What every backend over exported graphs (ONNX Runtime, TensorRT) shares: turning the driver's
-:class:`~dynaip_trt.pipeline.Stages` calls into the flat inputs of :data:`dynaip_trt.manifest.MODEL_IO`, and the
-limits a build directory's manifest imposes."""
+"""What every backend over exported graphs (ONNX Runtime, TensorRT) shares: the stages as calls of the models of
+:data:`dynaip_trt.manifest.MODEL_IO`, the checks a build folder's manifest imposes, and which graph of a model a
+precision means. numpy only."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from dynaip_trt.attention import ReferenceInputs
-from dynaip_trt.errors import ConfigError, InputError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest, ModelEntry
-from dynaip_trt.pipeline import ReferenceKV, dit_feeds
-from dynaip_trt.text import ByteTokenizer, HFTokenizer, load_tokenizer
+from dynaip_trt.conditioning import DiTCondition, ReferenceKV
+from dynaip_trt.errors import ConfigError, ManifestError
+from dynaip_trt.manifest import MODEL_IO, Manifest, fp8_variant, max_subjects_of
+
+from .stages import DenoiseSession
 
 logger = logging.getLogger(__name__)
 
-TEXT_BRANCH_MESSAGE = ("text-branch (DDS schedule) injection needs the torch backend: exported engines contain the "
-                       "image branch only")
-
-
-def max_subjects_of(manifest: Manifest) -> int:
-    """Largest subject count the build serves: the manifest's ``max_subjects``, capped by the DiT profile."""
-    limit = manifest.max_subjects
-    dit = manifest.models.get("dit")
-    if dit is not None and "scales" in dit.profile:
-        limit = min(limit, int(dit.profile["scales"]["max"][1]))
-    return limit
-
-
-def model_file(entry: ModelEntry, name: str, precision: str) -> str:
-    """The ONNX file of ``entry`` in ``precision``: the main graph, or a variant listed in the manifest."""
-    if precision == entry.precision:
-        return entry.onnx
-    if precision in entry.variants:
-        return entry.variants[precision]
-    raise ConfigError(f"model {name} has no {precision} variant in this build (it has "
-                      f"{sorted({entry.precision, *entry.variants})}); re-export with --{precision} or choose "
-                      f"another precision")
-
 
 def select_files(manifest: Manifest, precision: str) -> dict[str, str]:
-    """``{model: onnx file}`` for ``precision``. Models without that variant (the text encoders have no fp16,
-    T5 overflows in it) keep their main graph; a precision no model has raises :class:`ConfigError`."""
+    """``{model: ONNX file}`` for ``precision``. A model without that graph (the text encoders have no fp16: T5
+    overflows in it; fp8 quantizes only the DiT) keeps its main graph; a precision no model has raises
+    :class:`ConfigError`. ``"fp8"`` means the FP8 DiT on an fp16 base (``fp8-fp16``: the one ONNX Runtime's CPU
+    provider runs; ``fp8-bf16`` is for TensorRT)."""
+    key = fp8_variant("fp16") if precision == "fp8" else precision
     files, fallback = {}, []
     for name, entry in manifest.models.items():
-        try:
-            files[name] = model_file(entry, name, precision)
-        except ConfigError:
-            files[name] = entry.onnx
+        graph = entry.graphs().get(key)
+        files[name] = graph or entry.onnx
+        if graph is None:
             fallback.append(name)
-    if fallback and len(fallback) == len(files):
-        raise ConfigError(f"this build has no {precision} graphs; re-export with --{precision} or use "
-                          f"precision='fp32'")
+    if len(fallback) == len(files):
+        raise ConfigError(f"this build has no {precision} graphs (it has "
+                          f"{sorted({p for e in manifest.models.values() for p in e.graphs()})}); re-export with "
+                          f"--{precision} or choose another precision")
     if fallback:
-        logger.info("no %s variant of %s: using their %s graphs", precision, fallback,
+        logger.info("no %s graph of %s: using their %s graphs", precision, fallback,
                     [manifest.models[n].precision for n in fallback])
     return files
 
 
-def require_models(manifest: Manifest, directory: str | Path) -> None:
-    """Every model of :data:`MODEL_IO` must be in the build directory."""
-    missing = sorted(set(MODEL_IO) - set(manifest.models))
-    if missing:
-        raise ManifestError(f"the build directory {directory} lacks models {missing}; export all of "
-                            f"{sorted(MODEL_IO)} (python -m export.onnx)")
-
-
-def build_tokenizers(directory: str | Path) -> tuple[ByteTokenizer | HFTokenizer, ByteTokenizer | HFTokenizer]:
-    """The (CLIP, T5) tokenizers of a build directory: its ``tokenizer/`` and ``tokenizer_2/`` folders when
-    present (exports of real checkpoints), else the byte tokenizer that models with seeded weights use."""
-    directory = Path(directory)
-    if (directory / "tokenizer").is_dir():
-        return load_tokenizer(directory / "tokenizer"), load_tokenizer(directory / "tokenizer_2")
-    logger.info("%s has no tokenizer/ folder: using the byte tokenizer (models with seeded weights)", directory)
-    tok = ByteTokenizer()
-    return tok, tok
-
-
 class ExportedStages:
-    """:class:`~dynaip_trt.pipeline.Stages` over exported graphs; subclasses implement :meth:`run`.
+    """:class:`~runtime.stages.Stages` over the models of a build folder; subclasses implement :meth:`run` and
+    :meth:`denoise_session`.
 
-    Maps each stage onto one model of :data:`MODEL_IO`: the level override of the fusion graph, the all-ones
-    masks of a request without masks, and the image-branch-only contract of exported engines live here once.
+    Maps each stage onto one model of :data:`MODEL_IO` (the fusion graph's level override, the image-branch-only
+    contract of exported graphs) once for every backend.
     """
 
+    backend = ""
     supports_text_branch = False
-    device: torch.device
-    max_subjects: int
 
-    def run(self, model: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Run ``model`` on ``feeds`` (every input of ``MODEL_IO[model]``) -> its outputs as float32 tensors on
-        ``self.device``, in ``MODEL_IO`` order. The returned tensors belong to the caller."""
+    def __init__(self, directory: str | Path, manifest: Manifest | None = None):
+        self.directory = Path(directory)
+        self.manifest = manifest or Manifest.load(directory)
+        missing = sorted(set(MODEL_IO) - set(self.manifest.models))
+        if missing:
+            raise ManifestError(f"the build folder {directory} lacks models {missing}; export all of "
+                                f"{sorted(MODEL_IO)} (python -m export.onnx)")
+        self.max_subjects = max_subjects_of(self.manifest)
+
+    def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One execution of ``model`` on ``feeds`` (every input of ``MODEL_IO[model]``) -> every output by name,
+        float32 numpy arrays owned by the caller."""
         raise NotImplementedError
 
-    def clip_levels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[M, 3, S, S]`` -> tapped CLIP hidden states ``[M, L, P, C]``."""
-        return self.run("clip", {"pixel_values": pixels.to(self.device)})[0]
+    def denoise_session(self, noise: np.ndarray, cond: DiTCondition) -> DenoiseSession:
+        raise NotImplementedError
 
-    def reference_kv(self, levels: torch.Tensor, level_weights: torch.Tensor | None, with_text: bool) -> ReferenceKV:
-        """``[B, S, L, P, C]`` (+ user level weights ``[B, S, L]``) -> image-branch K/V
-        ``[blocks, B, S, T, inner]``. Without user weights the router's are used (``level_override`` = 0)."""
-        if with_text:
-            raise InputError(TEXT_BRANCH_MESSAGE)
+    def clip_levels(self, pixels: np.ndarray) -> np.ndarray:
+        """``[M, 3, S, S]`` -> tapped CLIP hidden states ``[M, L, P, C]``."""
+        return self.run("clip", {"pixel_values": pixels})["levels"]
+
+    def reference_kv(self, levels: np.ndarray, level_weights: np.ndarray | None, text_branch: bool
+                     ) -> ReferenceKV:
+        """``[B, S, L, P, C]`` (+ user level weights ``[B, S, L]``) -> image-branch K/V ``[blocks, B, S, T, inner]``.
+        Without user weights the router's are used (``level_override`` = 0)."""
         b, s, n_levels = levels.shape[:3]
         if level_weights is None:
-            weights = torch.full((b, s, n_levels), 1.0 / n_levels, device=self.device)
-            override = torch.zeros(b, s, device=self.device)
+            weights = np.full((b, s, n_levels), 1.0 / n_levels, dtype=np.float32)
+            override = np.zeros((b, s), dtype=np.float32)
         else:
-            weights = level_weights.to(self.device, torch.float32)
-            override = torch.ones(b, s, device=self.device)
-        img_k, img_v = self.run("fusion", {"levels": levels.to(self.device), "level_weights": weights,
-                                           "level_override": override})
-        return ReferenceKV(img_k, img_v)
+            weights = np.ascontiguousarray(level_weights, dtype=np.float32)
+            override = np.ones((b, s), dtype=np.float32)
+        out = self.run("fusion", {"levels": levels, "level_weights": weights, "level_override": override})
+        return ReferenceKV(out["img_k"], out["img_v"])
 
-    def encode_text(self, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """int64 ids ``[B, 77]``, ``[B, L]`` -> (``[B, L, t5_dim]``, pooled ``[B, clip_dim]``)."""
-        seq, pooled = self.run("text", {"clip_ids": clip_ids.to(self.device), "t5_ids": t5_ids.to(self.device)})
-        return seq, pooled
+    def encode_text(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int64 ids ``[B, Lclip]``, ``[B, Ltxt]`` -> T5 sequence ``[B, Ltxt, D]``, CLIP pooled ``[B, Dp]``."""
+        out = self.run("text", {"clip_ids": clip_ids, "t5_ids": t5_ids})
+        return out["text_embeds"], out["pooled"]
 
-    def dit(self, latents: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-            guidance: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor, ref: ReferenceInputs
-            ) -> torch.Tensor:
-        """Packed latents ``[B, N, 64]`` -> velocity ``[B, N, 64]``; masks ``[B, S, N]`` default to ones."""
-        if ref.txt_k is not None or ref.block_scales is not None:
-            raise InputError(TEXT_BRANCH_MESSAGE + " (and per-block scales)")
-        return self.run("dit", dit_feeds(latents, text, pooled, timestep, guidance, img_ids, txt_ids, ref))[0]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unpacked latents ``[B, 16, h, w]`` -> images ``[B, 3, 8h, 8w]`` in [-1, 1]."""
-        return self.run("vae", {"latents": latents.to(self.device)})[0]
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Unpacked latents ``[B, C, h, w]`` -> images ``[B, 3, f*h, f*w]`` in [-1, 1]."""
+        return self.run("vae", {"latents": latents})["images"]

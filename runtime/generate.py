@@ -1,71 +1,85 @@
 """Generate an image of one or more subjects from the command line.
 
     python -m runtime.generate --prompt "two friends on a beach" --ref examples/subject_a.png \\
-        --ref examples/subject_b.png --out out.png [--engine-dir build/tiny --backend onnxruntime]
+        --ref examples/subject_b.png --view examples/subject_b_side.png --out out.png [--engine-dir build/tiny]
 
-Without ``--engine-dir`` the torch backend runs the embedded tiny default (``--config``) or local checkpoints
-(``--base``/``--clip``/``--adapter``). Bad input prints one error line and exits with status 2.
+``--ref`` starts a subject, ``--view`` adds another view of the last one. With ``--engine-dir`` the ONNX Runtime
+(default) or TensorRT backend runs the build; without it the torch backend runs the embedded default (``--config``)
+or local checkpoints (``--base``/``--clip``/``--adapter``). Arguments, files and the output path are checked before
+any model is loaded; bad input prints one error line and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
-from pathlib import Path
 
-from PIL import Image
-
-from dynaip_trt.errors import InputError, cli_main
-from dynaip_trt.files import atomic_path
-
-from .engine import BACKENDS, DynaIPEngine
+from dynaip_trt.cli import add_source_args, check_source_args, check_writable_file, cli_main, configure_logging, \
+    image_format, save_image, written_image
+from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig, get_config
+from dynaip_trt.errors import ConfigError, InputError
+from dynaip_trt.images import load_image
+from dynaip_trt.manifest import Manifest
+from dynaip_trt.request import MAX_SCALE, MAX_SEED, MAX_SIDE, MAX_TRUE_CFG
 
 logger = logging.getLogger("runtime.generate")
+
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class AddSubject(argparse.Action):
+    """``--ref IMAGE``: a new subject."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        getattr(namespace, self.dest).append([value])
+
+
+class AddView(argparse.Action):
+    """``--view IMAGE``: one more view of the subject of the last ``--ref``."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        subjects = getattr(namespace, self.dest)
+        if not subjects:
+            parser.error("--view adds a view to the subject of the previous --ref; give --ref first")
+        subjects[-1].append(value)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", required=True)
-    p.add_argument("--ref", action="append", required=True, metavar="IMAGE",
-                   help="reference image of one subject; repeat per subject; SUBJ_VIEW1,SUBJ_VIEW2 gives a "
-                        "subject several views")
-    p.add_argument("--out", required=True, help="output image (format from the suffix, e.g. .png)")
-    p.add_argument("--engine-dir", help="build directory (export.onnx / export.build); default: torch backend")
-    p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime with --engine-dir, else torch")
-    p.add_argument("--config", default="tiny", help="torch backend: named config with seeded weights")
-    p.add_argument("--base", help="torch backend: local diffusers-format FLUX folder")
-    p.add_argument("--clip", help="torch backend: local CLIP vision folder")
-    p.add_argument("--adapter", help="torch backend: DynaIP adapter .safetensors")
+    p.add_argument("--ref", dest="subjects", action=AddSubject, default=[], metavar="IMAGE",
+                   help="reference image of a new subject (repeat per subject)")
+    p.add_argument("--view", dest="subjects", action=AddView, metavar="IMAGE",
+                   help="another view of the subject of the previous --ref")
+    p.add_argument("--out", required=True, metavar="FILE", help="output image (format from the suffix: .png, .jpg)")
+    p.add_argument("--engine-dir", metavar="DIR", help="build folder (export.onnx / export.build); without it the "
+                   "torch backend runs --config or --base/--clip")
+    p.add_argument("--backend", choices=EXPORTED_BACKENDS, help="with --engine-dir (default onnxruntime)")
+    add_source_args(p, DEFAULT_CONFIG)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cpu for torch, the backend's choice otherwise)")
-    p.add_argument("--precision", default="fp32", help="onnxruntime: fp32 or a variant the build lists (fp16)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run the DiT step without CUDA graphs")
+    p.add_argument("--precision", default="fp32", help="onnxruntime: fp32 or a graph the build has (fp16, fp8)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="GPU: run the denoising step without CUDA graphs")
     p.add_argument("--scale", type=float, action="append",
                    help="subject scale; once for all subjects or once per subject (default 1.0)")
-    p.add_argument("--granularity", help="CLIP level weights low,mid,high (default: the router decides)")
+    p.add_argument("--granularity", help="CLIP level weights, e.g. 0.2,0.3,0.5 (default: the router decides)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="noise seed (default: the config's)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
+    p.add_argument("--no-truncate", action="store_true", help="refuse a prompt longer than the text length "
+                   "(default: truncate it with a warning)")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt of true CFG (\"\" for an empty one)")
+    p.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="S",
+                   help="true CFG scale in [1, 100] (default 1: off); above 1 needs --negative-prompt")
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
-
-
-def load_engine(args: argparse.Namespace) -> DynaIPEngine:
-    backend = args.backend or ("onnxruntime" if args.engine_dir else "torch")
-    graphs = not args.no_cuda_graphs
-    if args.engine_dir:
-        return DynaIPEngine.from_dir(args.engine_dir, backend=backend, device=args.device, precision=args.precision,
-                                     cuda_graphs=graphs)
-    if backend != "torch":
-        raise InputError(f"--backend {backend} needs --engine-dir (a build directory from export.onnx/export.build)")
-    if (args.base is None) != (args.clip is None):
-        raise InputError("--base and --clip must be given together")
-    device = args.device or "cpu"
-    if args.base:
-        return DynaIPEngine.from_weights(args.base, args.clip, args.adapter, device=device, cuda_graphs=graphs)
-    return DynaIPEngine.from_config(args.config, device=device, cuda_graphs=graphs)
+    args = p.parse_args(argv)
+    if not args.subjects:
+        p.error("give at least one --ref IMAGE")
+    return args
 
 
 def parse_granularity(text: str | None) -> list[float] | None:
@@ -77,35 +91,104 @@ def parse_granularity(text: str | None) -> list[float] | None:
         raise InputError(f"--granularity {text!r}: expected comma-separated numbers, e.g. 0.2,0.3,0.5") from None
 
 
-def output_format(path: Path) -> str:
-    """The PIL format of ``--out`` (checked before any work is done)."""
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"--out {path}: unknown image suffix {path.suffix!r}; use e.g. .png or .jpg")
-    if path.is_dir():
-        raise InputError(f"--out {path} is a directory; give an image file name")
-    return fmt
+def check_numbers(args: argparse.Namespace, cfg: DynaIPConfig | None) -> None:
+    """The numeric flags, in CLI terms, before any model is loaded (with the config when it is known)."""
+    for value in args.scale or []:
+        if not math.isfinite(value) or not 0 <= value <= MAX_SCALE:
+            raise InputError(f"--scale {value:g} must be a finite number in [0, {MAX_SCALE:g}]")
+    if args.scale and len(args.scale) not in (1, len(args.subjects)):
+        raise InputError(f"--scale given {len(args.scale)} times for {len(args.subjects)} subjects: give it once "
+                         f"for all subjects or once per subject")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed {args.seed} must be in [0, 2**63 - 1]")
+    if not math.isfinite(args.true_cfg_scale) or not 1 <= args.true_cfg_scale <= MAX_TRUE_CFG:
+        raise InputError(f"--true-cfg-scale {args.true_cfg_scale:g} must be a finite number in [1, {MAX_TRUE_CFG:g}] "
+                         f"(1: off)")
+    if args.true_cfg_scale > 1 and args.negative_prompt is None:
+        raise InputError("--true-cfg-scale above 1 needs --negative-prompt (\"\" for an empty one)")
+    if args.threads < 0:
+        raise InputError(f"--threads {args.threads} must be >= 0")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise InputError(f"--steps {args.steps} must be in [1, 1000]")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
+        raise InputError(f"--guidance {args.guidance:g} must be a finite number in [0, 100]")
+    levels = parse_granularity(args.granularity)
+    if cfg is None:
+        return
+    m = cfg.pixel_multiple
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < m or value > MAX_SIDE or value % m):
+            raise InputError(f"{flag} {value} must be a multiple of {m} in [{m}, {MAX_SIDE}]")
+    if levels is not None and len(levels) != cfg.adapter.num_levels:
+        raise InputError(f"--granularity has {len(levels)} values; this model has {cfg.adapter.num_levels} levels "
+                         f"(e.g. {','.join(['1'] * cfg.adapter.num_levels)})")
 
 
-def save_image(image: Image.Image, path: Path, fmt: str) -> None:
-    """Write ``image`` atomically (temporary name beside ``path``, then rename)."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format=fmt)
+def check_build(args: argparse.Namespace) -> Manifest:
+    """``--engine-dir`` with ``--backend``/``--precision``: the folder is a build that has what they ask for."""
+    label = f"--engine-dir {args.engine_dir}"
+    manifest = Manifest.load(args.engine_dir, what=label)
+    backend = args.backend or "onnxruntime"
+    if backend == "onnxruntime":
+        have = sorted({p for e in manifest.models.values() for p in e.graphs()})
+        if args.precision not in have:
+            raise ConfigError(f"--precision {args.precision}: {label} has no {args.precision} graphs (it has "
+                              f"{', '.join(have)}); use --precision fp32 or re-export with python -m export.onnx "
+                              f"--{args.precision}")
+    else:
+        if args.precision != "fp32":
+            raise ConfigError("--precision applies to the onnxruntime backend: TensorRT engines have the precision "
+                              "they were built with (python -m export.build --precision ...)")
+        if not manifest.tensorrt:
+            raise ConfigError(f"{label} has no TensorRT engines: build them with python -m export.build "
+                              f"--engine-dir {args.engine_dir} --skip-export on a GPU machine, or leave out "
+                              f"--backend to use ONNX Runtime")
+    return manifest
+
+
+def load_engine(args: argparse.Namespace):
+    from .engine import DynaIPEngine
+
+    graphs = not args.no_cuda_graphs
+    if args.engine_dir:
+        return DynaIPEngine.from_dir(args.engine_dir, backend=args.backend or "onnxruntime", device=args.device,
+                                     precision=args.precision, cuda_graphs=graphs, threads=args.threads)
+    device = args.device or "cpu"
+    if args.base:
+        return DynaIPEngine.from_weights(args.base, args.clip, args.adapter, device=device, cuda_graphs=graphs)
+    return DynaIPEngine.from_config(args.config, seed=args.weights_seed, device=device, cuda_graphs=graphs)
 
 
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    out = Path(args.out)
-    fmt = output_format(out)
+    configure_logging(args.verbose)
+    out = check_writable_file(args.out, "--out", written_image)
+    image_format(out, "--out")
+    if args.engine_dir:
+        for flag in ("base", "clip", "adapter"):
+            if getattr(args, flag):
+                raise InputError(f"--{flag} selects weights for the torch backend; a build folder (--engine-dir) "
+                                 f"already holds its weights: leave out one or the other")
+        cfg = check_build(args).dynaip_config
+    else:
+        if args.backend:
+            raise InputError(f"--backend {args.backend} runs a build folder: give --engine-dir, or leave out "
+                             f"--backend to use the torch backend on {args.config if not args.base else '--base'}")
+        if args.precision != "fp32":
+            raise InputError("--precision applies to a build folder (--engine-dir) run with ONNX Runtime")
+        check_source_args(args)
+        cfg = None if args.base else get_config(args.config)
+    check_numbers(args, cfg)
+    subjects = [[load_image(v, field=f"--{'ref' if j == 0 else 'view'} {v}") for j, v in enumerate(views)]
+                for views in args.subjects]
     engine = load_engine(args)
-    refs = [r.split(",") if "," in r else r for r in args.ref]
     scales = 1.0 if not args.scale else args.scale[0] if len(args.scale) == 1 else args.scale
-    images = engine.generate(args.prompt, refs, scales=scales, granularity=parse_granularity(args.granularity),
+    images = engine.generate(args.prompt, subjects, scales=scales, granularity=parse_granularity(args.granularity),
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-                             seed=args.seed, progress=True)
-    save_image(images[0], out, fmt)
+                             seed=args.seed, truncate_prompt=not args.no_truncate,
+                             negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale, progress=True)
+    save_image(images[0], out)
     logger.info("wrote %s (%s backend)", out, engine.backend)
     return 0
 

@@ -46,7 +46,8 @@ def tiny_build(tmp_path_factory, tiny_models):
 
     Read-only for tests: copy it before modifying files.
     """
-    from export.onnx import FP16_MODELS, export_all
+    from export.exporter import export_all
+    from export.specs import FP16_MODELS
 
     out = tmp_path_factory.mktemp("build") / "tiny"
     export_all(out, models=tiny_models, variants={"fp16": FP16_MODELS}, progress=False)
@@ -79,3 +80,7 @@ def working_directory(path: Path) -> Iterator[Path]:
         yield path
     finally:
         os.chdir(old)
+
+
+# tests/conformance runs inside the TensorRT conformance venvs only (tests/test_tensorrt_conformance.py).
+collect_ignore = ["conformance"]

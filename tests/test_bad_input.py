@@ -1,8 +1,8 @@
 """Every bad request to the PyTorch reference pipeline fails with an explicit error type and a message naming the
 field and the allowed range; the unusual-but-valid inputs next to each limit are accepted.
 
-Failures are checked through :class:`DynaIPPipeline` (``from_config("tiny")`` / ``from_models``), which every runtime
-backend shares, so these checks hold for the engines as well.
+Failures are checked through :class:`DynaIPPipeline`; the validation (:mod:`dynaip_trt.request`) is the one every
+runtime backend runs too, so these checks hold for the engines as well.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from PIL import Image, ImageFile
 import dynaip_trt.images as images_mod
 from dynaip_trt.errors import ConfigError, DynaIPError, ImageError, InputError, SubjectLimitError
 from dynaip_trt.images import load_image, preprocess_clip
-from dynaip_trt.pipeline import DynaIPPipeline, TorchStages
-from dynaip_trt.request import TextBranchSchedule, normalize_masks
+from dynaip_trt.pipeline import DynaIPPipeline
+from dynaip_trt.request import TextBranchSchedule, normalize_granularity, normalize_masks
 
 NAN, INF = float("nan"), float("inf")
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models) -> DynaIPPipeline:
-    return DynaIPPipeline.from_models(tiny_models)
+    return DynaIPPipeline(tiny_models)
 
 
 @pytest.fixture()
@@ -227,16 +227,26 @@ def test_empty_prompt_list(pipe, ref_image):
         generate(pipe, [ref_image], prompt=[])
 
 
-def test_prompt_longer_than_text_length(pipe, ref_image, tiny_cfg):
+def test_prompt_longer_than_text_length_is_truncated_with_a_warning(pipe, ref_image, tiny_cfg, caplog):
+    """As diffusers does: tokens beyond the text length are dropped and the warning names them; truncate_prompt=False
+    refuses instead. An ordinary prompt fits the default text length (77 tokens)."""
     limit = tiny_cfg.text.max_text_length
-    assert limit == 32
-    ok = "a" * (limit - 1)  # 31 bytes + EOS = 32 tokens: fits exactly
-    text, pooled = pipe.encode_prompt([ok])
-    assert text.shape == (1, limit, tiny_cfg.transformer.joint_attention_dim) and pooled.shape[0] == 1
-    with pytest.raises(InputError, match=r"prompt is 33 tokens long; the text length is 32 tokens"):
-        generate(pipe, [ref_image], prompt=ok + "a")
-    with pytest.raises(InputError, match=r"prompt\[1\] is 41 tokens long; the text length is 32 tokens"):
-        generate(pipe, [ref_image], prompt=["short", "é" * 20])  # 2 UTF-8 bytes per character
+    assert limit >= 77
+    ordinary = "two friends playing with toys on a sunny beach"
+    with caplog.at_level("WARNING", logger="dynaip_trt.text"):
+        generate(pipe, [ref_image], prompt=ordinary)
+    assert not caplog.records
+    fits = "a" * (limit - 1)  # bytes + EOS = limit tokens: fits exactly
+    long = fits + " and a long tail"
+    with caplog.at_level("WARNING", logger="dynaip_trt.text"):
+        out = generate(pipe, [ref_image], prompt=long)
+    assert "prompt is longer than the text length of 77 tokens: 'and a long tail' was dropped" in caplog.text
+    assert torch.equal(out, generate(pipe, [ref_image], prompt=fits + "a")), "the kept tokens are the same"
+    with pytest.raises(InputError, match=r"prompt is longer than the text length of 77 tokens; it would lose "
+                                         r"'and a long tail'"):
+        generate(pipe, [ref_image], prompt=long, truncate_prompt=False)
+    with pytest.raises(InputError, match=r"prompt\[1\] is longer than the text length"):
+        generate(pipe, [ref_image], prompt=["short", "é" * 40], truncate_prompt=False)  # 2 UTF-8 bytes each
 
 
 def test_prompt_that_is_not_unicode(pipe, ref_image):
@@ -248,9 +258,9 @@ def test_bad_prompt_fails_before_any_model_runs(pipe, ref_image, monkeypatch):
     def fail(*_):
         raise AssertionError("CLIP ran for a request with an invalid prompt")
 
-    monkeypatch.setattr(pipe.stages, "clip_levels", fail)
-    with pytest.raises(InputError, match="prompt is 33 tokens long"):
-        generate(pipe, [Image.new("RGB", (40, 40), (1, 2, 3))], prompt="b" * 32)
+    monkeypatch.setattr(pipe, "_encode_subjects", fail)
+    with pytest.raises(InputError, match="would lose"):
+        generate(pipe, [Image.new("RGB", (40, 40), (1, 2, 3))], prompt="b" * 80, truncate_prompt=False)
 
 
 # ----------------------------------------------------------------------------------------------------- subjects
@@ -267,8 +277,10 @@ def test_too_many_subjects(pipe, make_images):
 
 def test_encoded_references_beyond_the_engine_limit(tiny_models, pipe, make_images):
     """A :class:`ReferenceKV` encoded elsewhere with more subjects than this engine allows is refused too."""
-    small = DynaIPPipeline(tiny_models.config, TorchStages(tiny_models, max_subjects=2), tiny_models.clip_tokenizer,
-                           tiny_models.t5_tokenizer)
+    import dataclasses
+
+    small = DynaIPPipeline(dataclasses.replace(tiny_models, config=dataclasses.replace(tiny_models.config,
+                                                                                       max_subjects=2)))
     three = pipe.encode_references(make_images(3))
     with pytest.raises(SubjectLimitError, match=r"3 subjects given; this engine allows 1\.\.2 subjects"):
         generate(small, three)
@@ -403,7 +415,7 @@ def test_pixel_and_token_masks_agree(pipe, make_images, tiny_cfg):
     tokens = [rng.integers(0, 2, (4, 4)).astype(np.float64), rng.random((4, 4))]
     pixels = [np.kron(t, np.ones((16, 16))) for t in tokens]
     vf = tiny_cfg.vae.spatial_factor
-    assert torch.allclose(normalize_masks(tokens, 2, 64, 64, vf), normalize_masks(pixels, 2, 64, 64, vf), atol=1e-7)
+    assert np.allclose(normalize_masks(tokens, 2, 64, 64, vf), normalize_masks(pixels, 2, 64, 64, vf), atol=1e-7)
     pil = [Image.fromarray((p * 255).astype(np.uint8), mode="L") for p in pixels[:1]] + [pixels[1]]
     refs = make_images(2)
     out_tokens = generate(pipe, refs, masks=tokens)
@@ -458,15 +470,40 @@ def test_unknown_output_type(pipe, ref_image, output_type):
 
 
 def test_unknown_config_name():
-    with pytest.raises(ConfigError, match=r"unknown config 'flux-huge'; choose one of \['flux-dev', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config 'flux-huge'; choose one of \['flux-dev', .*'tiny-random'"):
         DynaIPPipeline.from_config("flux-huge")
 
 
-@pytest.mark.parametrize("cache_size", [-1, 2.0, None])
-def test_bad_cache_size(tiny_models, cache_size):
-    with pytest.raises(ConfigError, match=r"cache_size=.* must be an int >= 0"):
-        DynaIPPipeline(tiny_models.config, TorchStages(tiny_models), tiny_models.clip_tokenizer,
-                       tiny_models.t5_tokenizer, cache_size=cache_size)
+@pytest.mark.parametrize("cache_bytes", [-1, 2.0, None])
+def test_bad_cache_size(tiny_models, cache_bytes):
+    from runtime import DynaIPEngine
+
+    with pytest.raises(ConfigError, match=r"cache size .* must be an int >= 0"):
+        DynaIPEngine.from_models(tiny_models, cache_bytes=cache_bytes)
+
+
+def test_granularity_is_renormalised_to_sum_one():
+    """User level weights are a mix like the router's softmax: [1, 1, 1] means equal levels, not three times the
+    reference tokens; per-subject rows are renormalised separately."""
+    assert np.allclose(normalize_granularity([1, 1, 1], 2, 3), np.full((2, 3), 1 / 3))
+    assert np.allclose(normalize_granularity([[2, 0, 2], [0, 0, 5]], 2, 3), [[0.5, 0, 0.5], [0, 0, 1]])
+
+
+def test_granularity_scale_does_not_change_the_request(pipe, make_images):
+    refs = make_images(2)
+    a = generate(pipe, refs, granularity=[0.2, 0.3, 0.5])
+    assert torch.equal(a, generate(pipe, refs, granularity=[2, 3, 5]))
+
+
+@pytest.mark.parametrize("block_scales,match", [
+    ([1.0], r"block_scales has shape \(1,\); expected \(2,\): one number per injected block"),
+    ([1.0, NAN], r"block_scales=\[1\.0, nan\] must be finite numbers in \[0, 10\]"),
+    ([1.0, -1.0], r"must be finite numbers in \[0, 10\]"),
+    ("1,1", r"block_scales must be numbers"),
+])
+def test_bad_block_scales(pipe, ref_image, block_scales, match):
+    with pytest.raises(InputError, match=match):
+        generate(pipe, [ref_image], block_scales=block_scales)
 
 
 @pytest.mark.parametrize("kwargs,match", [

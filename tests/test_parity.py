@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import types
 
 import numpy as np
 import onnx
@@ -13,9 +14,13 @@ import torch
 from onnx import TensorProto, helper
 
 from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
-from export.parity import (FP16_REL_L2, FP32_REL_L2, REFERENCE_SEED, TF32_REL_L2, TOLERANCES, graphs_of, main,
-                           onnxruntime_rows, reference_file, reference_point, save_references, tensorrt_unavailable)
-from export.specs import Envelope, get_spec
+from dynaip_trt.tensorrt_api import GpuInfo
+from export.envelope import Envelope
+from export.parity import (BF16_REL_L2, FP8_REL_L2, FP16_REL_L2, FP32_REL_L2, TF32_REL_L2, TOLERANCES,
+                           engine_precision, main, onnxruntime_rows, run_runner, select_graphs, tensorrt_unavailable,
+                           tolerance_of)
+from export.references import REFERENCE_SEED, reference_file, reference_point, save_references
+from export.specs import get_spec
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -26,7 +31,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
 def run_main(build, tmp_path, *args: str) -> tuple[int, dict]:
     """``main`` with a JSON report; returns the exit code and the report (``{}`` when none was written)."""
     report = tmp_path / "parity.json"
-    code = main(["--build", str(build), "--json", str(report), *args])
+    code = main(["--engine-dir", str(build), "--json", str(report), *args])
     return code, json.loads(report.read_text()) if report.exists() else {}
 
 
@@ -69,7 +74,7 @@ def test_cli_passes_on_the_tiny_build(tiny_build, tmp_path, caplog, capsys):
     code, report = run_main(tiny_build, tmp_path)
     assert code == 0 and report["passed"]
     rows = {(r["model"], r["precision"]): r for r in report["rows"] if r["backend"] == "onnxruntime"}
-    graphs = {(name, p) for name, entry in Manifest.load(tiny_build).models.items() for p in graphs_of(entry)}
+    graphs = {(name, p) for name, entry in Manifest.load(tiny_build).models.items() for p in entry.graphs()}
     assert set(rows) == graphs and ("dit", "fp16") in rows and all(r["result"] == "PASS" for r in rows.values())
     for name in MODEL_IO:
         row = rows[(name, "fp32")]
@@ -134,12 +139,11 @@ def test_tensorrt_rows_with_a_stand_in_engine(tiny_build, tmp_path, monkeypatch)
     m.models["clip"].profile["pixel_values"]["max"][0] = 1  # the reference batch is outside this engine's profile
     m.tensorrt = {"version": "10.8.0", "gpu": "NVIDIA H100", "compute_capability": [9, 0], "precision": "fp16",
                   "engines": {"dit": {"precision": "fp16", "flags": []}, "clip": {"precision": "fp16", "flags": []},
-                              "vae": {"precision": "fp32", "flags": ["TF32"]}}}
+                              "vae": {"precision": "fp32", "flags": []}}}  # TF32 is TensorRT's default
     m.save(build)
     monkeypatch.setattr(parity, "tensorrt_unavailable", lambda: None)
-    monkeypatch.setattr(parity, "import_tensorrt", lambda: type("trt", (), {"__version__": "10.8.0"}))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(parity, "import_tensorrt_gpu", lambda what: (
+        types.SimpleNamespace(__version__="10.8.0"), GpuInfo(0, "NVIDIA H100", (9, 0), 80 << 30)))
     monkeypatch.setattr(parity, "run_tensorrt", lambda path, feeds: parity.run_onnxruntime(
         build / sources[path.stem], feeds))
     code, report = run_main(build, tmp_path, "--models", "dit,vae,clip,fusion")
@@ -159,6 +163,70 @@ def test_tensorrt_rows_with_a_stand_in_engine(tiny_build, tmp_path, monkeypatch)
     m.tensorrt["compute_capability"] = [8, 0]
     m.save(build)
     assert run_main(build, tmp_path, "--models", "dit")[0] == 2  # engines built for another GPU: refused
+
+
+def test_fp32_engines_get_the_tf32_tolerance_unless_built_without_it(tiny_build):
+    """TensorRT's TF32 flag is on by default: an fp32 engine is compared with the TF32 tolerance whether or not its
+    plan lists the flag; only --no-tf32 (plan tf32 false) gets the fp32 one."""
+    m = Manifest.load(tiny_build)
+    m.tensorrt = {"engines": {"vae": {"precision": "fp32", "flags": []},
+                              "text": {"precision": "fp32", "flags": [], "tf32": False},
+                              "dit": {"precision": "fp8-bf16", "flags": []}, "clip": {"precision": "fp16"}}}
+    assert engine_precision(m, "vae") == ("fp32", TF32_REL_L2)
+    assert engine_precision(m, "text") == ("fp32", FP32_REL_L2)
+    assert engine_precision(m, "dit") == ("fp8-bf16", max(FP8_REL_L2, BF16_REL_L2))
+    assert engine_precision(m, "clip") == ("fp16", FP16_REL_L2)
+    assert tolerance_of("fp8-fp16") == FP8_REL_L2 > FP16_REL_L2
+
+
+def test_fp8_graphs_are_selected_by_their_family():
+    graphs = {"fp32": "dit.onnx", "fp16": "dit.fp16.onnx", "fp8-bf16": "dit.fp8-bf16.onnx",
+              "fp8-fp16": "dit.fp8-fp16.onnx"}
+    assert select_graphs(graphs, None) == ("fp32", "fp16", "fp8-bf16", "fp8-fp16")
+    assert select_graphs(graphs, ("fp8",)) == ("fp8-bf16", "fp8-fp16")
+    assert select_graphs(graphs, ("bf16", "fp16")) == ("bf16", "fp16"), "a missing precision stays (its row says so)"
+
+
+class BF16Runner:
+    """A polygraphy runner with a bfloat16 input and output, converting dtypes as polygraphy's TrtRunner does
+    (numpy feeds -> numpy buffers, torch feeds -> torch tensors; numpy has no bfloat16)."""
+
+    def __init__(self):
+        from polygraphy.common import TensorMetadata
+        from polygraphy.datatype import DataType
+
+        self.meta = TensorMetadata().add("x", DataType.BFLOAT16, (2, 3))
+        self.bf16 = DataType.BFLOAT16
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def get_input_metadata(self, use_numpy_dtypes=False):
+        return self.meta
+
+    def infer(self, feed):
+        from polygraphy import util
+        from polygraphy.datatype import DataType
+
+        x = feed["x"]
+        as_torch = util.array.is_torch(x)
+        out_dtype = DataType.to_dtype(self.bf16, "torch" if as_torch else "numpy")  # numpy: raises, like TrtRunner
+        return {"y": (x.float() * 2).to(out_dtype)}
+
+
+def test_bf16_engine_outputs_are_compared_through_float32():
+    from polygraphy.exception import PolygraphyException
+
+    x = np.array([[1.0, 1.00390625, -2.5], [0.1, 3.0, 1e-3]], np.float32)
+    with pytest.raises(PolygraphyException, match="bfloat16"):
+        run_runner(BF16Runner(), {"x": x})  # numpy feeds cannot carry bfloat16
+    y = run_runner(BF16Runner(), {"x": x}, as_torch=True)["y"]
+    expected = (torch.from_numpy(x).to(torch.bfloat16).float() * 2).to(torch.bfloat16).float().numpy()
+    assert y.dtype == np.float32 and y.shape == (2, 3)
+    np.testing.assert_array_equal(y, expected)
 
 
 @pytest.mark.skipif(tensorrt_unavailable() is None, reason="TensorRT and a GPU are present")

@@ -5,11 +5,13 @@ exactly nothing."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynaip_trt.attention import ReferenceInputs, reference_attention
+from dynaip_trt.conditioning import ReferenceKV
 from dynaip_trt.sampling import latent_image_ids, text_ids
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -89,7 +91,7 @@ def test_attention_processor_on_a_tiny_block(tiny_models, b, s, gh, gw, txt_len,
     attn = tiny_models.transformer.transformer_blocks[0].attn
     hs = torch.randn(b, n, inner, generator=g)
     ehs = torch.randn(b, txt_len, inner, generator=g)
-    ids = torch.cat([text_ids(txt_len), latent_image_ids(height, width, cfg.vae.spatial_factor)])
+    ids = torch.from_numpy(np.concatenate([text_ids(txt_len), latent_image_ids(height, width, cfg.vae.spatial_factor)]))
     rope = tiny_models.transformer.pos_embed(ids)
 
     def kv() -> torch.Tensor:
@@ -99,8 +101,8 @@ def test_attention_processor_on_a_tiny_block(tiny_models, b, s, gh, gw, txt_len,
     masks = _masks(g, b, s, n, mask_kind)
 
     def call(scales: torch.Tensor, txt_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        ref = ReferenceInputs(img_k, img_v, scales=scales, masks=masks, mode=mode,
-                              txt_k=txt_k if text_branch else None, txt_v=txt_v if text_branch else None,
+        kv = ReferenceKV(img_k, img_v, txt_k, txt_v) if text_branch else ReferenceKV(img_k, img_v)
+        ref = ReferenceInputs(kv=kv, scales=scales, masks=masks, mode=mode,
                               txt_block_scales=torch.full((blocks,), txt_scale) if text_branch else None)
         with torch.no_grad():
             return attn(hs, ehs, image_rotary_emb=rope, dynaip=ref)

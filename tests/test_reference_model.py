@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
 import dynaip_trt.attention as attention_mod
 from dynaip_trt.attention import FluxPosEmbedFP32, ReferenceInputs, reference_attention
+from dynaip_trt.conditioning import ReferenceKV
 from dynaip_trt.configs import ConfigError, get_config
 from dynaip_trt.models import build_models
 from dynaip_trt.pipeline import DynaIPPipeline
@@ -32,8 +33,8 @@ def dit_inputs(cfg, batch=2, subjects=2, seed=0, height=64, width=64):
         pooled_projections=torch.randn(batch, t.pooled_projection_dim, generator=g),
         timestep=torch.full((batch,), 0.7),
         guidance=torch.full((batch,), 3.5),
-        img_ids=latent_image_ids(height, width, vf),
-        txt_ids=text_ids(cfg.text.max_text_length),
+        img_ids=torch.from_numpy(latent_image_ids(height, width, vf)),
+        txt_ids=torch.from_numpy(text_ids(cfg.text.max_text_length)),
     ), (kv(), kv(), kv(), kv())
 
 
@@ -46,7 +47,7 @@ def run_dit(transformer, inputs, ref=None):
 @pytest.mark.parametrize("subjects", [1, 2, 3])
 def test_shapes_per_subject_count(tiny_models, make_images, subjects):
     cfg = tiny_models.config
-    pipe = DynaIPPipeline.from_models(tiny_models)
+    pipe = DynaIPPipeline(tiny_models)
     ref = pipe.encode_references(make_images(subjects))
     t = cfg.transformer
     assert ref.img_k.shape == (t.num_layers, 1, subjects, cfg.adapter.num_tokens, t.inner_dim)
@@ -55,6 +56,7 @@ def test_shapes_per_subject_count(tiny_models, make_images, subjects):
     tokens = tiny_models.adapter.reference_tokens(levels)
     assert tokens.shape == (2, subjects, cfg.adapter.num_tokens, t.inner_dim)
     latents = pipe("a photo", make_images(subjects), output_type="latent", progress=False)
+    # 64x64 pixels, VAE factor 8, 2x2 packing: 16 tokens of 64 channels
     assert latents.shape == (1, 16, 64) and latents.dtype == torch.float32 and torch.isfinite(latents).all()
     images = pipe(["a photo", "another photo"], make_images(subjects), progress=False)
     assert [im.size for im in images] == [(cfg.width, cfg.height)] * 2 and images[0].mode == "RGB"
@@ -66,12 +68,10 @@ def test_zero_initialised_adapter_leaves_base_unchanged(tiny_cfg):
     base = FluxTransformer2DModel(**tiny_cfg.transformer.diffusers_kwargs()).eval()  # stock processors, float64 RoPE
     base.load_state_dict(models.transformer.state_dict())
     inputs, _ = dit_inputs(tiny_cfg)
-    pipe = DynaIPPipeline.from_models(models)
-    levels = torch.randn(1, 2, tiny_cfg.adapter.num_levels, tiny_cfg.vision.num_tokens, tiny_cfg.vision.hidden_size)
-    kv = pipe.stages.reference_kv(levels, None, with_text=True)
-    ref = ReferenceInputs(kv.img_k.expand(-1, 2, -1, -1, -1), kv.img_v.expand(-1, 2, -1, -1, -1),
-                          scales=torch.ones(2, 2), txt_k=kv.txt_k.expand(-1, 2, -1, -1, -1),
-                          txt_v=kv.txt_v.expand(-1, 2, -1, -1, -1), txt_block_scales=torch.ones(2))
+    levels = torch.randn(2, 2, tiny_cfg.adapter.num_levels, tiny_cfg.vision.num_tokens, tiny_cfg.vision.hidden_size)
+    tokens = models.adapter.reference_tokens(levels)
+    ref = ReferenceInputs(kv=ReferenceKV(*models.adapter.image_kv(tokens), *models.adapter.text_kv(tokens)),
+                          scales=torch.ones(2, 2), txt_block_scales=torch.ones(2))
     out = run_dit(models.transformer, inputs, ref)
     expected = run_dit(base, inputs)
     assert max_abs(out, expected) < 1e-5, "FP32 RoPE + zero-init adapter must reproduce the base model"
@@ -81,7 +81,7 @@ def test_zero_initialised_adapter_leaves_base_unchanged(tiny_cfg):
 def test_fp32_rope_matches_diffusers_float64(tiny_cfg):
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    ids = torch.cat([text_ids(8), latent_image_ids(128, 96, 8)])
+    ids = torch.from_numpy(np.concatenate([text_ids(8), latent_image_ids(128, 96, 8)]))
     ref_cos, ref_sin = FluxPosEmbed(10000, list(tiny_cfg.transformer.axes_dims_rope))(ids)
     cos, sin = FluxPosEmbedFP32(10000, tiny_cfg.transformer.axes_dims_rope)(ids)
     assert cos.dtype == torch.float32 and cos.shape == ref_cos.shape
@@ -91,8 +91,8 @@ def test_fp32_rope_matches_diffusers_float64(tiny_cfg):
 def test_scale_zero_equals_base_model(tiny_models):
     inputs, (k, v, _, _) = dit_inputs(tiny_models.config)
     base = run_dit(tiny_models.transformer, inputs)
-    off = run_dit(tiny_models.transformer, inputs, ReferenceInputs(k, v, scales=torch.zeros(2, 2)))
-    on = run_dit(tiny_models.transformer, inputs, ReferenceInputs(k, v, scales=torch.ones(2, 2)))
+    off = run_dit(tiny_models.transformer, inputs, ReferenceInputs(kv=ReferenceKV(k, v), scales=torch.zeros(2, 2)))
+    on = run_dit(tiny_models.transformer, inputs, ReferenceInputs(kv=ReferenceKV(k, v), scales=torch.ones(2, 2)))
     assert max_abs(off, base) == 0.0
     assert max_abs(on, base) > 1e-3, "non-zero scales must change the output"
 
@@ -110,7 +110,7 @@ def test_dds_inference_drops_text_branch_without_running_its_projections(tiny_mo
         return original(q, *args)
 
     monkeypatch.setattr(attention_mod, "reference_attention", counting)
-    pipe = DynaIPPipeline.from_models(tiny_models)
+    pipe = DynaIPPipeline(tiny_models)
     pipe("a photo", make_images(2), output_type="latent", progress=False)
     steps, blocks = tiny_models.config.steps, tiny_models.config.transformer.num_layers
     assert calls["txt_kv"] == 0, "inference mode must not run the text-branch K/V projections"
@@ -137,7 +137,7 @@ def test_dds_training_injects_both_branches_with_gradients(tiny_cfg):
     proc._image_term = lambda q, r: terms.setdefault("img", orig_img(q, r))
     proc._text_term = lambda q, r: terms.setdefault("txt", orig_txt(q, r))
     try:
-        ref = ReferenceInputs(ik, iv, torch.ones(2, 1), txt_k=tk, txt_v=tv, txt_block_scales=torch.ones(2))
+        ref = ReferenceInputs(kv=ReferenceKV(ik, iv, tk, tv), scales=torch.ones(2, 1), txt_block_scales=torch.ones(2))
         out = models.transformer(**inputs, joint_attention_kwargs={"dynaip": ref}, return_dict=False)[0]
         out.square().mean().backward()
     finally:
@@ -175,7 +175,7 @@ def test_masks_confine_a_subject_to_its_region(tiny_models):
 
     def img_out(scales, m):
         with torch.no_grad():
-            r = ReferenceInputs(k[:, :1], v[:, :1], scales=scales, masks=m)
+            r = ReferenceInputs(kv=ReferenceKV(k[:, :1], v[:, :1]), scales=scales, masks=m)
             return block.attn(hs, ehs, image_rotary_emb=rope, dynaip=r)[0]
 
     base = img_out(torch.zeros(1, 2), None)
@@ -203,7 +203,7 @@ def test_single_stream_injection_flag(tiny_cfg, make_images):
 
     cfg = dataclasses.replace(tiny_cfg, adapter=dataclasses.replace(tiny_cfg.adapter, inject_single=True))
     models = build_models(cfg, seed=0)
-    pipe = DynaIPPipeline.from_models(models)
+    pipe = DynaIPPipeline(models)
     ref = pipe.encode_references(make_images(2))
     assert ref.img_k.shape[0] == cfg.transformer.num_layers + cfg.transformer.num_single_layers
     on = pipe("a photo", make_images(2), output_type="latent", progress=False)
@@ -222,7 +222,7 @@ def test_configs_by_name():
 
 
 def test_deterministic_on_cpu(tiny_models, make_images):
-    pipe = DynaIPPipeline.from_models(tiny_models)
+    pipe = DynaIPPipeline(tiny_models)
     a = pipe("a photo", make_images(2), output_type="latent", progress=False, seed=5)
     b = pipe("a photo", make_images(2), output_type="latent", progress=False, seed=5)
     c = pipe("a photo", make_images(2), output_type="latent", progress=False, seed=6)
@@ -230,7 +230,7 @@ def test_deterministic_on_cpu(tiny_models, make_images):
 
 
 def test_views_of_one_subject_are_averaged(tiny_models, make_images):
-    pipe = DynaIPPipeline.from_models(tiny_models)
+    pipe = DynaIPPipeline(tiny_models)
     imgs = make_images(2)
     both = pipe.encode_references([imgs])
     each = [pipe.encode_references([im]) for im in imgs]
@@ -259,3 +259,32 @@ def test_time_embedding_gets_float32_products_in_bf16(tiny_models):
     timestep, guidance = seen[0][:2]
     assert timestep.dtype == guidance.dtype == torch.float32
     assert guidance.item() == 3500.0 and timestep.item() == pytest.approx(723.4, rel=1e-6)
+
+
+def test_concat_mode_gives_a_zero_scale_subject_no_softmax_mass():
+    """In ``concat`` mode one softmax spans every subject's tokens: a subject switched off (scale 0) must not dilute
+    the others, so [s0=1, s1=0] equals subject 0 alone."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 16, 8, generator=g)
+    k, v = torch.randn(2, 2, 4, 16, generator=g), torch.randn(2, 2, 4, 16, generator=g)
+    both = reference_attention(q, k, v, torch.tensor([[1.0, 0.0]] * 2), None, "concat")
+    alone = reference_attention(q, k[:, :1], v[:, :1], torch.ones(2, 1), None, "concat")
+    assert max_abs(both, alone) < 1e-6
+    masks = torch.ones(2, 2, 16)
+    assert max_abs(reference_attention(q, k, v, torch.tensor([[1.0, 0.0]] * 2), masks, "concat"), alone) < 1e-6
+
+
+def test_block_scales_weight_each_blocks_injection(tiny_models):
+    inputs, (k, v, _, _) = dit_inputs(tiny_models.config)
+    blocks = tiny_models.config.injected_blocks
+    base = run_dit(tiny_models.transformer, inputs)
+
+    def with_blocks(values):
+        ref = ReferenceInputs(kv=ReferenceKV(k, v), scales=torch.ones(2, 2), block_scales=torch.tensor(values))
+        return run_dit(tiny_models.transformer, inputs, ref)
+
+    assert max_abs(with_blocks([0.0] * blocks), base) == 0.0, "all-zero block scales must give the base model"
+    ones = run_dit(tiny_models.transformer, inputs, ReferenceInputs(kv=ReferenceKV(k, v), scales=torch.ones(2, 2)))
+    assert max_abs(with_blocks([1.0] * blocks), ones) == 0.0
+    first_only = with_blocks([1.0] + [0.0] * (blocks - 1))
+    assert rel_l2(first_only, base) > 1e-4 and rel_l2(first_only, ones) > 1e-4

@@ -57,5 +57,6 @@ def test_cli_module_error_is_one_line_exit_2(tmp_path):
                                                                           "--engine-dir", str(tmp_path / "none"))],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2
-    assert "no manifest.json" in run.stderr and "Traceback" not in run.stderr
+    assert "the build folder does not exist" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()

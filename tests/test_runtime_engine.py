@@ -1,23 +1,25 @@
-"""Runtime engine on the torch backend (CPU) and backend-independent runtime pieces: the engine reuses the reference
-driver, serialises threads, keeps export/training code out, and checks TensorRT manifests, profiles and memory."""
+"""Runtime engine on the torch backend (CPU) and backend-independent runtime pieces: the engine matches the reference
+pipeline, serialises threads, never changes the caller's models, and checks TensorRT manifests, profiles and
+memory."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, InputError, ManifestError, ResourceError
+from dynaip_trt.manifest import check_profile, check_tensorrt_section, max_subjects_of
 from dynaip_trt.metrics import max_abs
 from dynaip_trt.pipeline import DynaIPPipeline
-from runtime import DynaIPEngine, GraphCache, ensure_free_memory
-from runtime.exported import max_subjects_of, select_files
-from runtime.trt_backend import check_profile, check_tensorrt_section
+from runtime import DynaIPEngine
+from runtime.cuda_graphs import GraphCache, capture_graph, ensure_free_memory
+from runtime.exported import select_files
 
 TRT_SECTION = {"version": "10.8.0.43", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}
 
@@ -29,10 +31,23 @@ def torch_engine(tiny_models):
 
 def test_torch_engine_equals_reference_pipeline(torch_engine, tiny_models, make_images):
     refs = make_images(2)
-    ref = DynaIPPipeline.from_models(tiny_models)("a dog", refs, seed=5, output_type="latent", progress=False)
+    ref = DynaIPPipeline(tiny_models)("a dog", refs, seed=5, output_type="latent", progress=False)
     out = torch_engine.generate("a dog", refs, seed=5, output_type="latent")
-    assert torch.equal(out, ref), "the engine must be the reference driver with the same stages"
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert max_abs(out, ref) == 0.0, "the torch backend runs the same flat modules as the reference pipeline"
     assert torch_engine.backend == "torch" and torch_engine.stages.graphs is None  # no CUDA graphs on the CPU
+
+
+def test_engine_never_changes_the_callers_models(tiny_models, make_images):
+    before = {k: v.clone() for k, v in tiny_models.transformer.state_dict().items()}
+    modules = dict(tiny_models.transformer.named_modules())
+    engine = DynaIPEngine.from_models(tiny_models, fp8=True)
+    engine.generate("a dog", make_images(1), seed=1, steps=1, output_type="latent")
+    assert dict(tiny_models.transformer.named_modules()).keys() == modules.keys()
+    assert all(type(m) is type(modules[n]) for n, m in tiny_models.transformer.named_modules())
+    after = tiny_models.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "fp8=True must work on a copy"
+    assert any("FP8Linear" in type(m).__name__ for m in engine.stages.transformer.modules())
 
 
 def test_encoded_references_are_reused_across_prompts(torch_engine, make_images):
@@ -41,23 +56,26 @@ def test_encoded_references_are_reused_across_prompts(torch_engine, make_images)
     for prompt in ("a cat", "two cats"):
         direct = torch_engine.generate(prompt, refs, granularity=[0.2, 0.3, 0.5], seed=1, output_type="latent")
         reused = torch_engine.generate(prompt, kv, seed=1, output_type="latent")
-        assert torch.equal(direct, reused)
+        assert max_abs(direct, reused) == 0.0
     with pytest.raises(InputError, match="granularity"):
         torch_engine.generate("a cat", kv, granularity=[1, 0, 0])
-    assert torch_engine.encode_references(refs, granularity=[0.2, 0.3, 0.5]) is kv  # cached by image content
-    torch_engine.clear_reference_cache()
+    hits = torch_engine.cache_stats()["references"]["hits"]
+    assert max_abs(torch_engine.encode_references(refs, granularity=[0.2, 0.3, 0.5]).img_k, kv.img_k) == 0.0
+    assert torch_engine.cache_stats()["references"]["hits"] == hits + 2, "each subject is cached by image content"
+    torch_engine.clear_caches()
     again = torch_engine.encode_references(refs, granularity=[0.2, 0.3, 0.5])
-    assert again is not kv and torch.equal(again.img_k, kv.img_k)
+    assert torch_engine.cache_stats()["references"]["entries"] == 2 and max_abs(again.img_k, kv.img_k) == 0.0
 
 
 def test_subject_limit_and_config_default(tiny_models, make_images):
-    from dynaip_trt.pipeline import TorchStages
+    from runtime.torch_backend import TorchStages
 
-    engine = DynaIPEngine(tiny_models.config, TorchStages(tiny_models, max_subjects=2), tiny_models.clip_tokenizer,
-                          tiny_models.t5_tokenizer, "torch")
+    stages = TorchStages(tiny_models)
+    stages.max_subjects = 2
+    engine = DynaIPEngine(tiny_models.config, stages, (tiny_models.clip_tokenizer, tiny_models.t5_tokenizer))
     with pytest.raises(InputError, match="allows 1..2 subjects"):
         engine.generate("x", make_images(3))
-    assert DynaIPEngine.from_models(tiny_models).stages.max_subjects == tiny_models.config.max_subjects == 4
+    assert DynaIPEngine.from_models(tiny_models).max_subjects == tiny_models.config.max_subjects == 4
 
 
 def test_threads_share_one_engine_serialised(tiny_models, make_images):
@@ -69,7 +87,7 @@ def test_threads_share_one_engine_serialised(tiny_models, make_images):
     active, peak, guard = 0, 0, threading.Lock()
     dit = engine.stages.dit
 
-    def counting_dit(*args, **kwargs):
+    def counting_dit(*args, **kwargs):  # stands in for the DiT module: called once per step
         nonlocal active, peak
         with guard:
             active += 1
@@ -82,7 +100,7 @@ def test_threads_share_one_engine_serialised(tiny_models, make_images):
                 active -= 1
 
     engine.stages.dit = counting_dit
-    results: dict[int, torch.Tensor] = {}
+    results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
@@ -103,15 +121,6 @@ def test_threads_share_one_engine_serialised(tiny_models, make_images):
         assert max_abs(results[i], exp) == 0.0, f"request {i} differs from its sequential result"
 
 
-def test_runtime_imports_no_export_calibration_training_or_backends():
-    code = ("import importlib, pkgutil, sys, runtime\n"
-            "for m in pkgutil.iter_modules(runtime.__path__):\n"
-            "    importlib.import_module('runtime.' + m.name)\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('export', 'calibration', 'tensorrt', "
-            "'onnxruntime') or m.startswith('dynaip_trt.training'))\n"
-            "print(','.join(bad))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"runtime imported {out.stdout.strip()}"
 
 
 def test_from_dir_errors(tmp_path):
@@ -119,13 +128,15 @@ def test_from_dir_errors(tmp_path):
         DynaIPEngine.from_dir(tmp_path, backend="torch")
     with pytest.raises(ConfigError, match="unknown backend"):
         DynaIPEngine.from_dir(tmp_path, backend="openvino")
-    with pytest.raises(ManifestError, match="no manifest.json"):
+    with pytest.raises(ManifestError, match="not a build folder: it has no manifest.json"):
         DynaIPEngine.from_dir(tmp_path, backend="onnxruntime")
+    with pytest.raises(ManifestError, match="the build folder does not exist"):
+        DynaIPEngine.from_dir(tmp_path / "nope", backend="onnxruntime")
 
 
 def test_tensorrt_backend_without_tensorrt_says_what_to_install(tiny_build, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
-    with pytest.raises(BackendUnavailableError, match=r"pip install -e \.\[tensorrt\].*NVIDIA GPU"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e \.\[tensorrt-cu12\].*NVIDIA GPU"):
         DynaIPEngine.from_dir(tiny_build, backend="tensorrt")
 
 
@@ -139,9 +150,18 @@ def test_tensorrt_manifest_section_is_checked_against_the_system(caplog):
         check_tensorrt_section(TRT_SECTION, "10.9.0.34", "NVIDIA H100 80GB HBM3", (9, 0), "d")
     with pytest.raises(ManifestError, match="compute capability 9.0.*compute capability 8.9"):
         check_tensorrt_section(TRT_SECTION, "10.8.0.43", "NVIDIA L40S", (8, 9), "d")
-    with caplog.at_level(logging.WARNING, logger="runtime.trt_backend"):
+    with caplog.at_level(logging.WARNING, logger="dynaip_trt.manifest"):
         check_tensorrt_section(TRT_SECTION, "10.8.0.43", "NVIDIA H100 NVL", (9, 0), "d")
     assert "built on a NVIDIA H100 80GB HBM3 and run on a NVIDIA H100 NVL" in caplog.text
+
+
+def test_version_compatible_engines_run_on_later_releases_of_the_same_major():
+    compatible = {**TRT_SECTION, "version_compatible": True}
+    for later in ("10.8.0.43", "10.9.0.34", "10.16.1.11"):
+        check_tensorrt_section(compatible, later, "NVIDIA H100 80GB HBM3", (9, 0), "d")
+    for other in ("10.7.0", "11.0.0.114"):
+        with pytest.raises(ManifestError, match=f"built with TensorRT 10.8.0.43 but TensorRT {other} is installed"):
+            check_tensorrt_section(compatible, other, "NVIDIA H100 80GB HBM3", (9, 0), "d")
 
 
 def test_engine_profile_bounds_are_checked():
@@ -165,6 +185,9 @@ def test_manifest_limits_and_precision_variants(tiny_build):
     assert select_files(m, "fp32") == {n: e.onnx for n, e in m.models.items()}
     with pytest.raises(ConfigError, match="no bf16 graphs"):
         select_files(m, "bf16")
+    m.models["dit"].variants.update({"fp8-bf16": "dit.fp8-bf16.onnx", "fp8-fp16": "dit.fp8-fp16.onnx"})
+    assert select_files(m, "fp8")["dit"] == "dit.fp8-fp16.onnx", "fp8 on ONNX Runtime: the fp16-base graph"
+    assert select_files(m, "fp8-bf16")["dit"] == "dit.fp8-bf16.onnx"
 
 
 def test_resource_error_names_the_memory_needed(monkeypatch):
@@ -178,7 +201,7 @@ def test_resource_error_names_the_memory_needed(monkeypatch):
     ensure_free_memory(torch.device("cpu"), 10**15, "anything")  # host memory is not checked
 
 
-def test_graph_cache_is_lru():
+def test_torch_cuda_graph_cache_is_lru():
     cache = GraphCache(max_graphs=2)
     for key in ("a", "b"):
         cache.put(key, key)  # type: ignore[arg-type]  # the cache only stores what it is given
@@ -197,8 +220,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def test_torch_cuda_graph_replay_equals_eager(make_images, subjects):
     from dynaip_trt.request import TextBranchSchedule
 
-    graphed = DynaIPEngine.from_config("tiny", device="cuda")
-    eager = DynaIPEngine.from_config("tiny", device="cuda", cuda_graphs=False)
+    graphed = DynaIPEngine.from_config("tiny-random", device="cuda")
+    eager = DynaIPEngine.from_config("tiny-random", device="cuda", cuda_graphs=False)
     refs = make_images(subjects)
     for seed in (0, 1):  # the second request replays the graph captured by the first
         a = graphed.generate("a photo", refs, seed=seed, output_type="latent")
@@ -216,8 +239,6 @@ def test_torch_cuda_graph_replay_equals_eager(make_images, subjects):
 @pytest.mark.gpu
 @requires_cuda
 def test_captured_graph_writes_its_output_buffer():
-    from runtime import capture_graph
-
     x = torch.randn(64, 32, device="cuda")
     w = torch.randn(32, 16, device="cuda")
     graph = capture_graph({"x": x}, lambda: torch.relu(x @ w))
@@ -225,7 +246,9 @@ def test_captured_graph_writes_its_output_buffer():
     assert max_abs(out, torch.relu(x @ w)) < 1e-5
     new = torch.randn(64, 32, device="cuda")
     before = out.clone()
-    result = graph.replay({"x": new})
+    graph.inputs["x"].copy_(new)
+    graph.graph.replay()
+    result = graph.output
     torch.cuda.synchronize()
     assert result.data_ptr() == ptr and not torch.equal(result, before), "replay must rewrite the output buffer"
     assert max_abs(result, torch.relu(new @ w)) < 1e-5

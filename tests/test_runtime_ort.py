@@ -29,7 +29,7 @@ def ort_engine(tiny_build):
 
 @pytest.fixture(scope="module")
 def reference(tiny_models):
-    return DynaIPPipeline.from_models(tiny_models)
+    return DynaIPPipeline(tiny_models)
 
 
 def copy_build(src, dst, **manifest_changes):
@@ -73,7 +73,7 @@ def test_router_and_override_paths_differ(ort_engine, make_images):
 def test_subject_limit_comes_from_the_manifest(tiny_build, tmp_path, make_images):
     build = copy_build(tiny_build, tmp_path / "b", max_subjects=2)
     engine = DynaIPEngine.from_dir(build, backend="onnxruntime", device="cpu")
-    assert engine.stages.max_subjects == 2
+    assert engine.max_subjects == 2
     engine.generate("x", make_images(2), steps=1, output_type="latent")
     with pytest.raises(SubjectLimitError, match="3 subjects given; this engine allows 1..2"):
         engine.generate("x", make_images(3), steps=1)
@@ -109,6 +109,7 @@ def test_fp16_variant_is_selectable(tiny_build, reference, make_images):
     out = engine.generate("a photo", refs, seed=2, output_type="latent")
     exp = reference("a photo", refs, seed=2, output_type="latent", progress=False)
     assert 0.0 < rel_l2(out, exp) < FP16_REL_L2, f"rel L2 {rel_l2(out, exp):.2e}"
+    assert engine.summary()["precision"] == "fp16"
     with pytest.raises(ConfigError, match="no bf16 graphs"):
         DynaIPEngine.from_dir(tiny_build, backend="onnxruntime", precision="bf16")
 
@@ -118,6 +119,38 @@ def test_backend_options_and_limits(tiny_build, ort_engine, make_images):
         DynaIPEngine.from_dir(tiny_build, backend="onnxruntime", providers=["NoSuchExecutionProvider"])
     with pytest.raises(InputError, match="text_branch schedules need the torch backend"):
         ort_engine.generate("x", make_images(1), text_branch=TextBranchSchedule(steps=1))
-    with pytest.raises(InputError, match="needs the torch backend"):
+    with pytest.raises(InputError, match="need the torch backend"):
         ort_engine.encode_references(make_images(1), text_branch=True)
     assert not ort_engine.stages.supports_text_branch and ort_engine.backend == "onnxruntime"
+
+
+def test_batch_rows_get_the_images_they_get_alone(ort_engine, make_images):
+    """generate_batch: rows with their own prompts, references, scales, guidance and seeds give what each gives
+    alone (the serving path batches requests this way)."""
+    from dynaip_trt.request import GenerationRequest
+
+    a, b = make_images(2, seed=21), make_images(2, seed=22)
+    requests = [GenerationRequest("a red bag", a, scales=[0.5, 1.0], guidance=3.0, seed=1),
+                GenerationRequest("two bags on a table", b, scales=1.2, guidance=4.5, seed=9)]
+    batch = ort_engine.generate_batch(requests, output_type="latent")
+    alone = np.concatenate([ort_engine.generate_batch([r], output_type="latent") for r in requests])
+    assert batch.shape == alone.shape == (2, 16, 64)
+    assert rel_l2(batch, alone) < 1e-5
+    with pytest.raises(InputError, match="cannot share a batch"):
+        ort_engine.generate_batch([requests[0], GenerationRequest("x", a, steps=2)])
+    with pytest.raises(InputError, match="this build serves batches of 1..4"):
+        ort_engine.generate_batch(requests * 3)
+
+
+def test_caches_count_hits_and_never_exceed_their_budget(tiny_build, make_images):
+    engine = DynaIPEngine.from_dir(tiny_build, backend="onnxruntime", device="cpu", cache_bytes=40_000)
+    refs = make_images(2, seed=4)
+    engine.generate("a photo", refs, steps=1, output_type="latent")
+    engine.generate("a photo", refs, steps=1, output_type="latent")
+    stats = engine.cache_stats()
+    assert stats["references"]["hits"] == 2 and stats["references"]["misses"] == 2
+    assert stats["prompts"]["hits"] == 1 and stats["prompts"]["misses"] == 1
+    for s in stats.values():
+        assert 0 < s["bytes"] <= 40_000
+    engine.clear_caches()
+    assert engine.cache_stats()["references"]["entries"] == 0

@@ -39,8 +39,8 @@ def test_load_local_folders_matches_in_memory_models(tiny_models, saved_tiny, ma
     loaded = load_models(saved_tiny / "flux", saved_tiny / "clip", saved_tiny / "adapter.safetensors")
     assert loaded.config == tiny_models.config
     refs = make_images(2)
-    a = DynaIPPipeline.from_models(tiny_models)("a photo", refs, output_type="latent", progress=False)
-    b = DynaIPPipeline.from_models(loaded)("a photo", refs, output_type="latent", progress=False)
+    a = DynaIPPipeline(tiny_models)("a photo", refs, output_type="latent", progress=False)
+    b = DynaIPPipeline(loaded)("a photo", refs, output_type="latent", progress=False)
     assert max_abs(a, b) < 1e-5
 
 

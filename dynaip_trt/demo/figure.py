@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ConfigError, cli_main
-from ..files import atomic_path
+from ..cli import check_writable_file, cli_main, configure_logging, save_image, written_image
+from ..errors import ConfigError
 from ..pipeline import DynaIPPipeline
 from .world import World
 
@@ -78,26 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynaip_trt.demo.figure", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output image (.png)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", help="a package folder to use instead of the embedded weights (train's OUT/package)")
+    p.add_argument("--weights-dir", help="a folder of trained weights to use instead of the embedded ones (a training "
+                   "run's OUT/package)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.weights:
+    configure_logging()
+    out = check_writable_file(args.out, "--out", written_image)
+    if args.weights_dir:
         import json
 
         from ..configs import DynaIPConfig
         from ..weights import load_embedded
 
-        folder = Path(args.weights)
+        folder = Path(args.weights_dir)
         if not (folder / "config.json").is_file():
-            raise ConfigError(f"--weights {folder}: no config.json there (a train run's OUT/package folder)")
+            raise ConfigError(f"--weights-dir {folder}: no config.json there (a train run's OUT/package folder)")
         cfg = DynaIPConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        pipe = DynaIPPipeline.from_models(load_embedded(cfg, folder))
+        pipe = DynaIPPipeline(load_embedded(cfg, folder))
     else:
         pipe = DynaIPPipeline.from_config("tiny")
-    figure = make_figure(pipe, args.seed)
-    out = Path(args.out)
-    with atomic_path(out) as tmp:
-        figure.save(tmp, format=out.suffix.lstrip(".").upper() or "PNG")
+    save_image(make_figure(pipe, args.seed), out)
     logger.info("wrote %s", out)
     return 0
 

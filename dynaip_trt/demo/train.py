@@ -22,7 +22,7 @@ by ``--stage``):
 - ``adapter``: the DynaIP adapter (HMoE fusion over the tapped CLIP levels + decoupled reference K/V) with the base
   frozen, injected into both branches (image and text) as DDS prescribes for training; one or two subjects per
   scene, each with an independently augmented reference.
-- ``package``: the final weights, tokenizer and config in ``OUT/tiny/`` (the layout of ``dynaip_trt/data/tiny``).
+- ``package``: the final weights, tokenizer and config in ``OUT/package/`` (the layout of ``dynaip_trt/data/tiny``).
 
 Every batch is drawn from ``numpy.random.default_rng([seed, stage, step])`` and a torch generator seeded the same
 way, so a resumed run computes exactly what an uninterrupted one would. Losses go to ``OUT/logs/<stage>.jsonl``.
@@ -51,8 +51,10 @@ from tqdm.auto import tqdm
 
 from ..adapter import install_processors
 from ..attention import ReferenceInputs
+from ..conditioning import ReferenceKV
 from ..configs import DynaIPConfig, VaeConfig, get_config
-from ..errors import ConfigError, DynaIPError, cli_main
+from ..cli import cli_main, configure_logging
+from ..errors import ConfigError, DynaIPError
 from ..files import atomic_path
 from ..images import preprocess_clip
 from ..models import (
@@ -63,11 +65,12 @@ from ..models import (
     build_vae,
     build_vision,
     clip_levels,
+    dit_forward,
     encode_text,
     finalize,
 )
-from ..sampling import flux_mu, image_token_count, latent_image_ids, pack_latents, text_ids
-from ..text import WordLevelTokenizer
+from ..sampling import flux_mu, latent_image_ids, pack_latents, text_ids
+from ..text import Tokenizer
 from ..weights import save_embedded
 from .world import COLOURS, PATTERNS, SHAPES, World
 
@@ -168,16 +171,17 @@ class Run:
         return np.random.default_rng(seq), torch.Generator().manual_seed(torch_seed)
 
 
-def build_tokenizer(world: World) -> WordLevelTokenizer:
-    """A word-level tokenizer over the world's vocabulary (+ ``,`` ``.``): ``[PAD]`` 0, ``[EOS]`` 1, ``[UNK]`` 2."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+def build_tokenizer(world: World, max_length: int) -> Tokenizer:
+    """A word-level tokenizer over the world's vocabulary (+ ``,`` ``.``) padded/truncated to ``max_length``:
+    ``[PAD]`` 0, ``[EOS]`` 1 (appended), ``[UNK]`` 2 (the ``tiny`` config's ``clip_pad_id``/``clip_eos_id``)."""
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, processors
 
     words = ["[PAD]", "[EOS]", "[UNK]", ",", ".", *world.vocabulary()]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 1)])
-    return WordLevelTokenizer(tok)
+    return Tokenizer(tok, max_length, pad_id=0)
 
 
 # --------------------------------------------------------------------------------------------- saving / loading
@@ -226,7 +230,7 @@ def load_family(run: Run, with_adapter: bool = True) -> DynaIPModels:
     adapter = build_adapter(cfg)
     if with_adapter and run.done("adapter"):
         load_module(adapter, run.path("adapter"))
-    tok = WordLevelTokenizer.from_file(run.out / "tokenizer.json")
+    tok = Tokenizer.load(run.out, cfg.text.max_text_length)
     return finalize(DynaIPModels(cfg, transformer, vision, clip_text, t5, vae, adapter, tok, tok))
 
 
@@ -373,7 +377,7 @@ def sample_sigmas(n: int, image_tokens: int, gen: torch.Generator) -> torch.Tens
 class Encoders:
     """Frozen encoders the DiT stages share: text and the VAE (images -> packed latents)."""
 
-    def __init__(self, run: Run, clip_text: nn.Module, t5: nn.Module, tokenizer: WordLevelTokenizer,
+    def __init__(self, run: Run, clip_text: nn.Module, t5: nn.Module, tokenizer: Tokenizer,
                  vae: nn.Module | None = None):
         self.cfg = run.config
         self.clip_text, self.t5, self.tokenizer, self.vae = clip_text, t5, tokenizer, vae
@@ -382,29 +386,24 @@ class Encoders:
     def text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (``[B, L, t5_dim]``, ``[B, clip_dim]``)."""
         t = self.cfg.text
-        clip_ids = torch.from_numpy(self.tokenizer.encode_batch(prompts, t.clip_max_length))
-        t5_ids = torch.from_numpy(self.tokenizer.encode_batch(prompts, t.max_text_length))
-        return encode_text(self.clip_text, self.t5, clip_ids, t5_ids)
+        ids = torch.from_numpy(self.tokenizer.encode_batch(prompts))  # both encoders take max_text_length tokens
+        return encode_text(self.clip_text, self.t5, ids, ids)
 
     @torch.no_grad()
     def latents(self, images: list[np.ndarray]) -> torch.Tensor:
         """Images -> normalised packed latents ``[B, N, 64]`` (the VAE posterior's mean)."""
         z = self.vae.encode(to_pixels(images)).latent_dist.mode()
         z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-        return pack_latents(z)
+        return torch.from_numpy(pack_latents(z.numpy()))
 
 
-def dit_forward(transformer: nn.Module, cfg: DynaIPConfig, x_t: torch.Tensor, sigmas: torch.Tensor,
-                text: torch.Tensor, pooled: torch.Tensor, ref: ReferenceInputs | None) -> torch.Tensor:
-    """The one call of the FLUX transformer with DynaIP inputs in training: packed ``x_t [B, N, 64]`` at noise
-    levels ``sigmas [B]`` -> velocity ``[B, N, 64]``."""
-    b = x_t.shape[0]
-    kwargs = None if ref is None else {"dynaip": ref}
-    return transformer(
-        hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigmas,
-        guidance=torch.full((b,), cfg.guidance), img_ids=latent_image_ids(cfg.height, cfg.width, cfg.vae.spatial_factor),
-        txt_ids=text_ids(text.shape[1]), joint_attention_kwargs=kwargs, return_dict=False,
-    )[0]
+def velocity(transformer: nn.Module, cfg: DynaIPConfig, x_t: torch.Tensor, sigmas: torch.Tensor,
+             text: torch.Tensor, pooled: torch.Tensor, ref: ReferenceInputs | None) -> torch.Tensor:
+    """The transformer's velocity in training: packed ``x_t [B, N, 64]`` at noise levels ``sigmas [B]`` ->
+    ``[B, N, 64]`` (:func:`~dynaip_trt.models.dit_forward` with the config's guidance and position ids)."""
+    return dit_forward(transformer, x_t, text, pooled, sigmas, torch.full((x_t.shape[0],), cfg.guidance),
+                       torch.from_numpy(latent_image_ids(cfg.height, cfg.width, cfg.vae.spatial_factor)),
+                       torch.from_numpy(text_ids(text.shape[1])), ref)
 
 
 def token_weights(masks: list[np.ndarray], patch: int, subject_weight: float) -> torch.Tensor:
@@ -426,14 +425,14 @@ def flow_loss(transformer: nn.Module, cfg: DynaIPConfig, x0: torch.Tensor, text:
     sigmas = sample_sigmas(x0.shape[0], x0.shape[1], gen)
     noise = torch.randn(x0.shape, generator=gen)
     t = sigmas[:, None, None]
-    pred = dit_forward(transformer, cfg, (1 - t) * x0 + t * noise, sigmas, text, pooled, ref)
+    pred = velocity(transformer, cfg, (1 - t) * x0 + t * noise, sigmas, text, pooled, ref)
     per_token = (pred - (noise - x0)).square().mean(-1)  # [B, N]
     return (per_token * weights).mean() / weights.mean()
 
 
 # ----------------------------------------------------------------------------------------------------- stages
 def stage_text(run: Run, stop_after: int | None = None) -> None:
-    tok = build_tokenizer(run.world)
+    tok = build_tokenizer(run.world, run.config.text.max_text_length)
     t = run.config.text
     if tok.vocab_size > min(t.clip_vocab_size, t.t5_vocab_size):
         raise ConfigError(f"the world's vocabulary has {tok.vocab_size} tokens; the text encoders hold "
@@ -559,7 +558,7 @@ def _encoders(run: Run) -> Encoders:
     load_module(t5, run.path("text")).eval().requires_grad_(False)
     vae = load_module(build_vae(cfg), run.path("vae")).eval().requires_grad_(False)
     return Encoders(dataclasses.replace(run, config=cfg), clip_text, t5,
-                    WordLevelTokenizer.from_file(run.out / "tokenizer.json"), vae)
+                    Tokenizer.load(run.out, cfg.text.max_text_length), vae)
 
 
 def stage_base(run: Run, stop_after: int | None = None) -> None:
@@ -608,7 +607,7 @@ def stage_adapter(run: Run, stop_after: int | None = None) -> None:
         tokens = adapter.reference_tokens(levels.unflatten(0, (b, n_subj)))  # [B, S, N, W]
         img_k, img_v = adapter.image_kv(tokens)
         txt_k, txt_v = adapter.text_kv(tokens)
-        ref = ReferenceInputs(img_k=img_k, img_v=img_v, scales=torch.ones(b, n_subj), txt_k=txt_k, txt_v=txt_v,
+        ref = ReferenceInputs(kv=ReferenceKV(img_k, img_v, txt_k, txt_v), scales=torch.ones(b, n_subj),
                               txt_block_scales=torch.ones(txt_k.shape[0]), mode=cfg.adapter.attention_mode,
                               image_tokens=x0.shape[1])
         return flow_loss(transformer, cfg, x0, text, pooled, gen, weights, ref)
@@ -706,7 +705,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_main(logger)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     one = args.stage != "all"
