@@ -18,7 +18,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPV
 
 from .adapter import DynaIPAdapter, install_processors
 from .attention import ReferenceInputs
-from .configs import EMBEDDED_CONFIGS, DynaIPConfig
+from .configs import DynaIPConfig
 from .text import Tokenizer, byte_tokenizer
 
 
@@ -129,18 +129,13 @@ def finalize(models: DynaIPModels) -> DynaIPModels:
 
 
 def build_models(cfg: DynaIPConfig, seed: int = 0, random_adapter_kv: bool = True) -> DynaIPModels:
-    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU); a config whose trained weights
-    ship with the package (:data:`~dynaip_trt.configs.EMBEDDED_CONFIGS`, e.g. ``tiny``) loads them instead (``seed``
-    and ``random_adapter_kv`` are then unused).
+    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU). The configs whose trained
+    weights ship with the package (``tiny``) load through :func:`dynaip_trt.weights.load_family` instead.
 
     Args:
         random_adapter_kv: give the (normally zero-initialised) reference K/V projections small random
             weights so the references visibly influence the output, as a trained adapter does.
     """
-    if cfg.name in EMBEDDED_CONFIGS:
-        from .weights import load_embedded
-
-        return load_embedded(cfg)
     torch.manual_seed(seed)
     transformer = build_transformer(cfg)
     vision = build_vision(cfg)

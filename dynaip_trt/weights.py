@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
 from .adapter import DynaIPAdapter
-from .configs import (ADAPTER_FORMAT, DEFAULT_CONFIG, SIGLIP_NORM, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig,
+from .configs import (ADAPTER_FORMAT, DEFAULT_CONFIG, EMBEDDED_CONFIGS, SIGLIP_NORM, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig,
                       VaeConfig, VisionConfig, get_config)
 from .errors import ConfigError, WeightsError
 from .files import atomic_path
@@ -279,14 +279,18 @@ def check_encoder_folder(folder: Path, encoder: str) -> None:
 def load_family(config: str | DynaIPConfig = DEFAULT_CONFIG, base: str | Path | None = None,
                 clip: str | Path | None = None, adapter: str | Path | None = None, seed: int = 0) -> DynaIPModels:
     """The models a command runs: local weights when ``base``/``clip`` are given (``adapter`` optional), else the
-    named config's weights (seeded)."""
+    named config's: the trained weights shipped with the package for :data:`~dynaip_trt.configs.EMBEDDED_CONFIGS`
+    (``tiny``), seeded random ones for the others."""
     if (base is None) != (clip is None):
         raise ConfigError("base and clip must be given together (a FLUX folder and an image-encoder folder)")
     if base is not None:
         return load_models(base, clip, adapter)
     if adapter is not None:
         raise ConfigError("an adapter file needs its base model: give base and clip too")
-    return build_models(get_config(config) if isinstance(config, str) else config, seed=seed)
+    cfg = get_config(config) if isinstance(config, str) else config
+    if cfg.name in EMBEDDED_CONFIGS:
+        return load_embedded(cfg)
+    return build_models(cfg, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ embedded defaults

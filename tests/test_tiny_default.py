@@ -11,15 +11,14 @@ import torch
 
 from dynaip_trt.configs import get_config
 from dynaip_trt.errors import WeightsError
-from dynaip_trt.models import build_models
-from dynaip_trt.weights import EMBEDDED_ROOT, load_embedded
+from dynaip_trt.weights import EMBEDDED_ROOT, load_embedded, load_family
 
 
 @pytest.fixture(scope="module")
 def tiny():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield build_models(get_config("tiny"))
+    yield load_family("tiny")
     torch.set_num_threads(threads)
 
 

@@ -1,6 +1,6 @@
 """The README's picture: references of held-out subjects -> images the embedded ``tiny`` default makes of them.
 
-    python -m dynaip_trt.demo.figure --out docs/tiny-demo.png
+    python -m dynaip_trt.demo.figure --out docs/tiny-demo.png --references examples/tiny
 
 Rows: one held-out subject (three rows) and two held-out subjects (two rows). Columns: the references (canonical
 views), then one image per prompt at adapter scale 1, then the first prompt at adapter scale 0 (the base model alone,
@@ -78,11 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynaip_trt.demo.figure", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output image (.png)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--references", metavar="DIR", help="also write the figure's held-out references there, one "
+                   "PNG per subject (e.g. red_outlined_triangle.png): inputs for runtime.generate")
     p.add_argument("--weights-dir", help="a folder of trained weights to use instead of the embedded ones (a training "
                    "run's OUT/package)")
     args = p.parse_args(argv)
     configure_logging()
     out = check_writable_file(args.out, "--out", written_image)
+    world = World(size=32, reference_size=32)
+    names = sorted({*ONE_SUBJECTS, *(n for pair in TWO_SUBJECTS for n in pair)})
+    refs = {Path(args.references) / f"{n.replace(' ', '_')}.png": n for n in names} if args.references else {}
+    for path in refs:
+        check_writable_file(path, "--references", written_image)
     if args.weights_dir:
         import json
 
@@ -97,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe = DynaIPPipeline.from_config("tiny")
     save_image(make_figure(pipe, args.seed), out)
+    for path, name in refs.items():
+        save_image(Image.fromarray(world.reference(_subject(world, name), np.random.default_rng(0), augment=False)),
+                   path, "--references")
     logger.info("wrote %s", out)
     return 0
 
