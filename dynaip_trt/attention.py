@@ -16,6 +16,11 @@ Where the image-branch term enters a double-stream block is configurable (``Adap
 ``FluxTransformerBlock`` adds to the image stream after its feed-forward, ungated (XLabs, as diffusers'
 ``FluxIPAdapterAttnProcessor`` does). Single-stream blocks add it to the attention output (before their output
 projection) on the image rows or on every row (InstantX).
+
+With :class:`DBIMInputs` (DCI's dual-branch integration, :mod:`dynaip_trt.dbim`) the batch holds ``B`` concept rows
+then their ``B`` auxiliary rows, and every double-stream block mixes the concept rows' image-token attention output
+with the auxiliary rows' (:func:`dbim_mix`). Training can record each block's image-to-reference attention mass
+per subject (``ReferenceInputs.attention_maps``, MM-Diff's attention constraint).
 """
 
 from __future__ import annotations
@@ -93,6 +98,39 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class DBIMConstants:
+    """The constants of DCI's integration (adopted from the authors' code, docs/dci-mmdiff.md).
+
+    Attributes:
+        token_temperature: the renormalised token probabilities are softmaxed again at this temperature over the
+            prompt's tokens before the token set is summed (``softmax(10 * p)``).
+        spatial_temperature: the spatial softmax runs over ``spatial_temperature * map``.
+        spatial_mean: the spatial map is scaled to this mean over the image tokens: the authors' ``500 *
+            softmax`` over Stable Diffusion's 64 x 64 = 4096 tokens has mean 500 / 4096; a DiT has one resolution
+            per image, so the mean is kept instead of the constant 500.
+    """
+
+    token_temperature: float = 10.0
+    spatial_temperature: float = 10.0
+    spatial_mean: float = 500.0 / 4096.0
+
+
+DBIM = DBIMConstants()
+
+
+@dataclass
+class DBIMInputs:
+    """The per-row DBIM inputs of a ``2B``-row batch (concept rows, then their auxiliary rows; ``L`` text tokens):
+    ``prompt_tokens``, ``map_tokens`` ``[2B, L]``, ``reference_map``, ``dbim_lambda`` ``[2B]``
+    (:class:`~dynaip_trt.dbim.DBIMCondition` of torch tensors)."""
+
+    prompt_tokens: torch.Tensor
+    map_tokens: torch.Tensor
+    reference_map: torch.Tensor
+    dbim_lambda: torch.Tensor
+
+
 @dataclass
 class ReferenceInputs:
     """Per-step DynaIP inputs handed to every processor through ``joint_attention_kwargs={"dynaip": ...}``.
@@ -109,6 +147,10 @@ class ReferenceInputs:
             (Dynamic Decoupling Strategy: dropped, and never computed, at inference by default).
         mode: ``"sum"`` (per-subject attention, gated and summed) or ``"concat"`` (one softmax over all subjects).
         image_tokens: number of image tokens N (needed only for single-stream injection).
+        dbim: DBIM's inputs (the batch is concept rows, then auxiliary rows), or ``None``.
+        attention_maps: a list to record, per injected double-stream block, the image tokens' attention mass on
+            each subject's reference tokens ``[B, H, N, S]`` (one softmax over all subjects' tokens, as ``concat``
+            attends; training losses read it), or ``None``.
     """
 
     kv: ReferenceKV
@@ -118,6 +160,8 @@ class ReferenceInputs:
     txt_block_scales: torch.Tensor | None = None
     mode: str = "sum"
     image_tokens: int | None = None
+    dbim: DBIMInputs | None = None
+    attention_maps: list[torch.Tensor] | None = None
 
     @property
     def text_branch(self) -> bool:
@@ -160,20 +204,86 @@ def reference_attention(
         return (out * gate.unsqueeze(-1)).sum(dim=1)
     if mode == "concat":
         v = v * scales[:, :, None, None]
-        k4 = k.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, S*T, D]
-        v4 = v.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)
-        # a subject with scale 0 takes no softmax mass from the others; masks restrict subjects to their regions
-        keep = (scales > 0).to(q.dtype)[:, None, :]  # [B, 1, S]
-        if masks is not None:
-            keep = keep * masks.transpose(1, 2)  # [B, N, S]
-        m = keep.unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N or 1, S*T]
-        bias = ((1.0 - m) * -1.0e4).to(q.dtype).unsqueeze(1)  # [B, 1, N or 1, S*T]
-        out = F.scaled_dot_product_attention(q, k4, v4, attn_mask=bias, scale=head_dim**-0.5)  # [B, H, N, D]
+        v4 = v.flatten(1, 2).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, S*T, D]
+        bias = _concat_bias(scales, masks, ref_tokens, q.dtype)
+        out = F.scaled_dot_product_attention(q, _concat_keys(k, heads), v4, attn_mask=bias,
+                                             scale=head_dim**-0.5)  # [B, H, N, D]
         out = out.transpose(1, 2).flatten(2)  # [B, N, H*D]
         if masks is not None:
             out = out * masks.amax(dim=1).unsqueeze(-1)
         return out
     raise ValueError(f"unknown reference attention mode {mode!r}; expected 'sum' or 'concat'")
+
+
+def _concat_keys(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reference keys ``[B, S, T, H*D]`` -> ``[B, H, S*T, D]`` (every subject's tokens in one sequence)."""
+    return k.flatten(1, 2).unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _concat_bias(scales: torch.Tensor, masks: torch.Tensor | None, ref_tokens: int, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """The additive attention bias of ``concat`` mode ``[B, 1, N or 1, S*T]``: a subject with scale 0 takes no
+    softmax mass from the others, and masks ``[B, S, N]`` restrict each subject's tokens to its region."""
+    keep = (scales > 0).to(dtype)[:, None, :]  # [B, 1, S]
+    if masks is not None:
+        keep = keep * masks.transpose(1, 2)  # [B, N, S]
+    m = keep.unsqueeze(-1).expand(-1, -1, -1, ref_tokens).flatten(2)  # [B, N or 1, S*T]
+    return ((1.0 - m) * -1.0e4).to(dtype).unsqueeze(1)
+
+
+def subject_attention_mass(q: torch.Tensor, k: torch.Tensor, scales: torch.Tensor, masks: torch.Tensor | None
+                           ) -> torch.Tensor:
+    """Each image query's attention mass on each subject's reference tokens when all subjects' tokens share one
+    softmax (how ``concat`` mode attends): queries ``[B, H, N, D]``, keys ``[B, S, T, H*D]``, ``scales [B, S]``,
+    ``masks [B, S, N]`` or ``None`` -> ``[B, H, N, S]``, summing to 1 over the subjects (differentiable: what
+    MM-Diff's attention constraint trains, :func:`dynaip_trt.training.attention_constraint_loss`)."""
+    heads, head_dim = q.shape[1], q.shape[3]
+    num_subjects, ref_tokens = k.shape[1], k.shape[2]
+    logits = q @ _concat_keys(k, heads).transpose(-1, -2) * head_dim**-0.5 + _concat_bias(scales, masks, ref_tokens,
+                                                                                           q.dtype)
+    return logits.softmax(dim=-1).unflatten(-1, (num_subjects, ref_tokens)).sum(dim=-1)
+
+
+def _token_set_map(logits: torch.Tensor, allowed: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """DCI's map of a token set: image queries' logits ``[R, H, N, K]`` restricted to the ``allowed`` keys ``[R, K]``
+    (softmax over them), softmaxed again at :attr:`DBIMConstants.token_temperature` over the same keys, summed over
+    the ``members`` keys ``[R, K]`` -> ``[R, H, N]`` (float32)."""
+    bias = ((allowed - 1.0) * 1.0e9)[:, None, None, :]  # 0 on allowed keys, -1e9 elsewhere
+    p = (logits + bias).softmax(dim=-1)
+    t = (DBIM.token_temperature * p + bias).softmax(dim=-1)
+    return (t * members[:, None, None, :]).sum(dim=-1)
+
+
+def dbim_mix(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, txt_len: int, r: ReferenceInputs,
+             img_query: torch.Tensor, ref_index: int | None) -> torch.Tensor:
+    """DCI's integration in one double-stream block (docs/dci-mmdiff.md): the joint attention output
+    ``out [2B, H, L+N, D]`` of ``B`` concept rows and their ``B`` auxiliary rows, with the RoPE'd ``query`` and
+    ``key`` ``[2B, H, L+N, D]`` it came from -> the same output with each concept row's image tokens replaced by
+    ``w_c * out_c + w_a * out_a``, where per head and image token ``(w_c, w_a) = softmax(S(M_c), lambda * S(M_a))``,
+    ``S(M) = spatial_mean * N * softmax(spatial_temperature * M)`` over the image tokens and ``M`` the row's
+    token-set map (:func:`_token_set_map`; the concept rows may add the subjects' reference tokens, attended by the
+    pre-RoPE ``img_query`` as the reference attention does). The auxiliary rows are returned unchanged.
+    SDPA hides its probabilities, so only the image-to-text logits (and image-to-reference logits) are formed:
+    ``[2B, H, N, L]``, a fraction of the attention's own ``N x (L+N)``."""
+    d = r.dbim
+    b, scale = out.shape[0] // 2, query.shape[-1] ** -0.5
+    logits = query[:, :, txt_len:].float() @ key[:, :, :txt_len].float().transpose(-1, -2) * scale  # [2B, H, N, L]
+    allowed, members = d.prompt_tokens.float(), d.map_tokens.float()  # [2B, L]
+    c_logits, c_allowed, c_members = logits[:b], allowed[:b], members[:b]
+    if ref_index is not None:  # the subjects' reference tokens join the concept map where reference_map is 1
+        k_ref = r.kv.img_k[ref_index][:b]  # [B, S, T, H*D]
+        ref_logits = img_query[:b].float() @ _concat_keys(k_ref, query.shape[1]).float().transpose(-1, -2) * scale
+        on = (d.reference_map[:b, None, None].float() * (r.scales[:b] > 0).float()[:, :, None])  # [B, S, 1]
+        on = on.expand(-1, -1, k_ref.shape[2]).flatten(1)  # [B, S*T]
+        c_logits = torch.cat([c_logits, ref_logits], dim=-1)
+        c_allowed, c_members = torch.cat([c_allowed, on], dim=-1), torch.cat([c_members, on], dim=-1)
+    maps = [_token_set_map(c_logits, c_allowed, c_members), _token_set_map(logits[b:], allowed[b:], members[b:])]
+    n = maps[0].shape[-1]
+    spatial = [DBIM.spatial_mean * n * (DBIM.spatial_temperature * m).softmax(dim=-1) for m in maps]  # [B, H, N]
+    w = torch.stack([spatial[0], d.dbim_lambda[:b, None, None].float() * spatial[1]]).softmax(dim=0)
+    img_c, img_a = out[:b, :, txt_len:], out[b:, :, txt_len:]
+    mixed = (w[0].unsqueeze(-1) * img_c.float() + w[1].unsqueeze(-1) * img_a.float()).to(out.dtype)
+    return torch.cat([torch.cat([out[:b, :, :txt_len], mixed], dim=2), out[b:]], dim=0)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -227,6 +337,8 @@ class DynaIPAttnProcessor:
             key = apply_rope(key, image_rotary_emb)
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=hd**-0.5)
+        if dynaip is not None and dynaip.dbim is not None and encoder_hidden_states is not None:
+            out = dbim_mix(out, query, key, encoder_hidden_states.shape[1], dynaip, img_query, self.ref_index)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)  # [B, L+N, H*D]
 
         if encoder_hidden_states is None:  # single-stream block: [txt; img] tokens, no output projection here
@@ -236,6 +348,9 @@ class DynaIPAttnProcessor:
 
         txt_len = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :txt_len], out[:, txt_len:]
+        if dynaip is not None and self.ref_index is not None and dynaip.attention_maps is not None:
+            dynaip.attention_maps.append(subject_attention_mass(img_query, dynaip.kv.img_k[self.ref_index],
+                                                                dynaip.scales, dynaip.masks))
         term = self._image_term(img_query, dynaip) if dynaip is not None and self.ref_index is not None else None
         if term is not None and self.injection == "before_out":
             img_out = img_out + term

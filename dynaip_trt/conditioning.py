@@ -88,6 +88,14 @@ class DiTCondition(Generic[A]):
     def image_tokens(self) -> int:
         return int(self.img_ids.shape[0])
 
+    def head(self, rows: int) -> "DiTCondition[A]":
+        """The condition of the first ``rows`` rows (DBIM's concept rows once the auxiliary rows are dropped)."""
+        kv = self.kv
+        return replace(self, text_embeds=self.text_embeds[:rows], pooled=self.pooled[:rows],
+                       guidance=self.guidance[:rows], scales=self.scales[:rows], masks=self.masks[:rows],
+                       kv=ReferenceKV(*(None if a is None else a[:, :rows] for a in (kv.img_k, kv.img_v, kv.txt_k,
+                                                                                      kv.txt_v))))
+
 
 def dit_feeds(latents: A, timestep: A, timestep_next: A, cond: DiTCondition[A]) -> dict[str, A]:
     """One denoising step as the flat inputs of the exported DiT graph (``MODEL_IO["dit"]``, image branch only).

@@ -40,6 +40,9 @@ DEFAULT_OPSET = 18  # ONNX opset of exported graphs: clear of newer fused ops (R
 #           txt_ids [Ltxt, 3], img_k, img_v, scales [B, S], masks [B, S, N], block_scales [blocks]
 #                                                               -> velocity [B, N, 64], latents_next [B, N, 64]
 #   vae:    latents [B, C, h, w]                                -> images [B, 3, f*h, f*w]
+#   dit_dbim (optional, DBIM's mixing steps): the dit inputs for 2B rows (B concept rows, then their B auxiliary rows)
+#           + prompt_tokens [2B, Ltxt], map_tokens [2B, Ltxt], reference_map [2B], dbim_lambda [2B]
+#                                                               -> velocity [2B, N, 64], latents_next [2B, N, 64]
 # The DiT includes the flow-matching Euler step: latents_next = latents + (timestep_next - timestep) * velocity.
 MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clip": (("pixel_values",), ("levels",)),
@@ -49,6 +52,11 @@ MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
              "img_k", "img_v", "scales", "masks", "block_scales"), ("velocity", "latents_next")),
     "vae": (("latents",), ("images",)),
 }
+MODEL_IO["dit_dbim"] = (MODEL_IO["dit"][0] + ("prompt_tokens", "map_tokens", "reference_map", "dbim_lambda"),
+                        MODEL_IO["dit"][1])
+# Models a build may leave out: the runtime works without them and refuses only the requests that need them.
+OPTIONAL_MODELS = ("dit_dbim",)
+REQUIRED_MODELS = tuple(n for n in MODEL_IO if n not in OPTIONAL_MODELS)
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 FP8_BASES = ("fp16", "bf16")  # precision of the non-FP8 ops of an FP8 DiT graph
 FP8_E4M3_MAX = 448.0  # largest finite float8 e4m3fn value: a per-tensor FP8 scale is amax / FP8_E4M3_MAX

@@ -18,14 +18,15 @@ from .attention import ReferenceInputs
 from .cli import progress as progress_bar
 from .conditioning import DiTCondition, ReferenceKV, dit_feeds
 from .configs import DEFAULT_CONFIG
+from .dbim import dbim_condition, dbim_feeds
 from .errors import InputError
 from .images import ImageLike, latents_to_pil, preprocess_clip
 from .models import DynaIPModels, clip_levels, decode_latents, dit_forward, encode_text
-from .request import GenerationRequest, ValidRequest, check_batch, negative_rows, normalize_granularity, \
-    normalize_references, prompt_fields, validate_request
+from .request import GenerationRequest, ValidRequest, auxiliary_rows, check_batch, negative_rows, \
+    normalize_granularity, normalize_references, prompt_fields, validate_request
 from .sampling import euler_step, flux_sigmas, image_token_count, initial_noise, latent_image_ids, text_ids, \
     true_cfg_velocity, unpack_latents
-from .stage_modules import DiTStep
+from .stage_modules import DiTDBIMStep, DiTStep
 from .text import normalize_prompts
 from .weights import load_family
 
@@ -51,6 +52,7 @@ class DynaIPPipeline:
         self.config = models.config
         self.tokenizers = (models.clip_tokenizer, models.t5_tokenizer)
         self.dit = dit if dit is not None else DiTStep(models.transformer, models.config.adapter.attention_mode)
+        self.dbim_dit = DiTDBIMStep(models.transformer, models.config.adapter.attention_mode)  # DBIM's mixing steps
         self.on_step = on_step
 
     @classmethod
@@ -118,8 +120,10 @@ class DynaIPPipeline:
     def __call__(self, prompt: str | Sequence[str], references, scales=1.0, granularity=None, masks=None,
                  block_scales=None, steps: int | None = None, guidance: float | None = None, height: int | None = None,
                  width: int | None = None, seed: int | None = None, truncate_prompt: bool = True, text_branch=None,
-                 negative_prompt: str | None = None, true_cfg_scale: float = 1.0, output_type: str = "pil",
-                 progress: bool = True) -> list[Image.Image] | torch.Tensor:
+                 negative_prompt: str | None = None, true_cfg_scale: float = 1.0, dbim_lambda: float | None = None,
+                 dbim_steps: float | None = None, subject_word: str | None = None, aux_noun: str | None = None,
+                 dbim_map: str | None = None, output_type: str = "pil", progress: bool = True
+                 ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (row ``i`` of a prompt list uses ``seed + i``); the arguments are those of
         :class:`~dynaip_trt.request.GenerationRequest`. Returns PIL images, or the final packed latents
         ``[B, N, 64]`` with ``output_type="latent"``."""
@@ -132,7 +136,8 @@ class DynaIPPipeline:
             p, references, scales=scales, granularity=granularity, masks=masks, block_scales=block_scales,
             steps=steps, guidance=guidance, height=height, width=width, seed=base + i if type(base) is int else base,
             truncate_prompt=truncate_prompt, text_branch=text_branch, negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale), self.config, self.tokenizers,
+            true_cfg_scale=true_cfg_scale, dbim_lambda=dbim_lambda, dbim_steps=dbim_steps, subject_word=subject_word,
+            aux_noun=aux_noun, dbim_map=dbim_map), self.config, self.tokenizers,
             self.config.max_subjects, self.num_blocks, field) for i, (p, field) in enumerate(zip(prompts, fields))]
         check_batch(rows)
         latents = self.denoise(rows, progress)
@@ -145,10 +150,14 @@ class DynaIPPipeline:
         """The flow-matching loop over a batch of validated requests -> final packed latents ``[B, N, 64]`` float32.
 
         With true CFG every step runs the DiT on ``2B`` rows (the rows, then their negative rows, see
-        :func:`~dynaip_trt.request.negative_rows`) and steps the ``B`` latents with the guided velocity."""
-        r0, cfg = rows[0], self.config
+        :func:`~dynaip_trt.request.negative_rows`) and steps the ``B`` latents with the guided velocity. With DBIM
+        the mixing steps run the DBIM step on the rows and their auxiliary rows
+        (:func:`~dynaip_trt.request.auxiliary_rows`, the same noise), each row stepping its own latents; then the
+        rows go on alone."""
+        r0, cfg, dbim = rows[0], self.config, rows[0].dbim
         vf = cfg.vae.spatial_factor
-        dit_rows = [*rows, *negative_rows(rows)] if r0.uses_true_cfg else list(rows)
+        dit_rows = [*rows, *negative_rows(rows)] if r0.uses_true_cfg else [*rows, *auxiliary_rows(rows)] if dbim \
+            else list(rows)
         cond, kv = self._condition(dit_rows)
         noise = np.concatenate([initial_noise(r0.height, r0.width, vf, cfg.vae.latent_channels, r.seed) for r in rows])
         sigmas = flux_sigmas(r0.steps, cond.image_tokens)
@@ -157,10 +166,18 @@ class DynaIPPipeline:
         txt_blocks = self._f32(r0.text_branch.block_array(len(self.models.adapter.txt_kv))) if r0.uses_text_branch \
             else None
         x = self._f32(noise)
+        if dbim is not None:
+            mixing = {k: self._f32(v) for k, v in dbim_feeds(dbim_condition([r.dbim for r in rows])).items()}
+            x = torch.cat([x, x])
         logger.debug("generating %d image(s) %dx%d, %d subject(s), %d steps%s", b, r0.height, r0.width,
                      r0.num_subjects, r0.steps, ", true CFG" if true_cfg is not None else "")
         for i in progress_bar(range(r0.steps), "denoise", progress):
+            if dbim is not None and i == dbim.steps:  # the mixing steps are over: the rows go on alone
+                x, cond, b_dit = x[:b], cond.head(b), b
             t, t_next = self._f32(np.full(b_dit, sigmas[i])), self._f32(np.full(b_dit, sigmas[i + 1]))
+            if dbim is not None and dbim.active(i):
+                x = self.dbim_dit(**dit_feeds(x, t, t_next, cond), **mixing)[1]
+                continue
             if r0.uses_text_branch and r0.text_branch.active(i):
                 x = self._text_branch_step(x, t, t_next, cond, kv, txt_blocks)
                 continue
@@ -170,7 +187,7 @@ class DynaIPPipeline:
             velocity, latents_next = self.dit(**feeds)
             x = latents_next if true_cfg is None else euler_step(x, true_cfg_velocity(velocity, true_cfg),
                                                                  t[:b, None, None], t_next[:b, None, None])
-        return x
+        return x[:b]
 
     def _f32(self, a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)

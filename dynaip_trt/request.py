@@ -17,6 +17,7 @@ from PIL import Image
 
 from .conditioning import ReferenceKV
 from .configs import DynaIPConfig
+from .dbim import DBIMPlan, check_dbim
 from .errors import ConfigError, InputError, SubjectLimitError
 from .images import ImageLike, load_image
 from .text import Tokenizer, validate_prompt
@@ -52,6 +53,16 @@ class GenerationRequest:
             ``negative_prompt``, every step also runs the DiT on the negative prompt with a black image as every
             subject's reference (same scales and masks) and uses ``v_neg + true_cfg_scale * (v - v_neg)``; 1 turns it
             off.
+        dbim_lambda: DCI's dual-branch integration (DBIM, :mod:`dynaip_trt.dbim`) in [-50, 50]: the weight of the
+            auxiliary branch's map in the per-pixel softmax across the branches (larger: the prompt's content wins
+            more pixels); ``None`` (default) turns DBIM off.
+        dbim_steps: the fraction of the denoising steps that mix, in (0, 1] (default 0.15, the paper's T_a).
+        subject_word: the word or phrase of the prompt that names the subject (needed by DBIM): its tokens form the
+            concept map, and the auxiliary prompt replaces it by ``aux_noun``.
+        aux_noun: the common noun of the auxiliary prompt (default: the first of
+            :data:`~dynaip_trt.dbim.DEFAULT_AUX_NOUNS` the model knows that is not the subject word).
+        dbim_map: the concept map's tokens: ``"text"`` (the subject word's, default), ``"reference"`` (the
+            reference tokens: the image-to-reference attention) or ``"both"``.
     """
 
     prompt: str
@@ -69,6 +80,11 @@ class GenerationRequest:
     text_branch: "TextBranchSchedule | None" = None
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
+    dbim_lambda: float | None = None
+    dbim_steps: float | None = None
+    subject_word: str | None = None
+    aux_noun: str | None = None
+    dbim_map: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,7 @@ class ValidRequest:
         level_weights: ``[S, L]`` summing to 1 per subject, or ``None`` (the router decides).
         scales: ``[S]``; masks: ``[S, N]`` or ``None``; block_scales: ``[blocks]``.
         negative_prompt, true_cfg_scale: true CFG (:attr:`uses_true_cfg`).
+        dbim: the DBIM plan (:class:`~dynaip_trt.dbim.DBIMPlan`), or ``None`` (off).
     """
 
     prompt: str
@@ -98,6 +115,7 @@ class ValidRequest:
     text_branch: "TextBranchSchedule | None"
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
+    dbim: DBIMPlan | None = None
 
     @property
     def num_subjects(self) -> int:
@@ -120,6 +138,12 @@ def negative_rows(rows: Sequence[ValidRequest]) -> list[ValidRequest]:
                     level_weights=None, negative_prompt=None, true_cfg_scale=1.0) for r in rows]
 
 
+def auxiliary_rows(rows: Sequence[ValidRequest]) -> list[ValidRequest]:
+    """DBIM's auxiliary row of each row: its auxiliary prompt (the subject phrase replaced by the auxiliary noun),
+    the same references with every scale 0 (no reference content), the row's guidance, masks and sizes."""
+    return [replace(r, prompt=r.dbim.aux_prompt, scales=np.zeros_like(r.scales), dbim=None) for r in rows]
+
+
 def validate_request(request: GenerationRequest, config: DynaIPConfig, tokenizers: Sequence[Tokenizer],
                      max_subjects: int, num_blocks: int, prompt_field: str = "prompt") -> ValidRequest:
     """Check every field of ``request`` against ``config`` (sizes, levels), the engine's subject limit and its
@@ -140,6 +164,12 @@ def validate_request(request: GenerationRequest, config: DynaIPConfig, tokenizer
                                         bool(request.truncate_prompt))
     if negative is not None and true_cfg > 1.0 and text_branch is not None and text_branch.steps > 0:
         raise InputError("true CFG (true_cfg_scale > 1) and text_branch schedules cannot be combined")
+    dbim = check_dbim(prompt, request.dbim_lambda, request.dbim_steps, request.subject_word, request.aux_noun,
+                      request.dbim_map, steps, tokenizers, bool(request.truncate_prompt))
+    if dbim is not None and ((negative is not None and true_cfg > 1.0) or (text_branch is not None and
+                                                                          text_branch.steps > 0)):
+        raise InputError("DBIM (dbim_lambda) cannot be combined with true CFG (true_cfg_scale > 1) or a "
+                         "text_branch schedule")
     if isinstance(request.references, ReferenceKV):  # encoded once by encode_references(), reused
         if request.granularity is not None:
             raise InputError("granularity applies when references are encoded: pass it to encode_references()")
@@ -157,7 +187,7 @@ def validate_request(request: GenerationRequest, config: DynaIPConfig, tokenizer
         masks=normalize_masks(request.masks, num_subjects, height, width, config.vae.spatial_factor),
         block_scales=normalize_block_scales(request.block_scales, num_blocks),
         steps=steps, guidance=guidance, height=height, width=width, seed=seed, text_branch=text_branch,
-        negative_prompt=negative, true_cfg_scale=true_cfg)
+        negative_prompt=negative, true_cfg_scale=true_cfg, dbim=dbim)
 
 
 def check_true_cfg(negative_prompt: str | None, true_cfg_scale: float, tokenizers: Sequence[Tokenizer],
@@ -188,11 +218,11 @@ def prompt_fields(prompt) -> list[str]:
 
 def batch_key(request: ValidRequest) -> tuple:
     """Requests generated in one batch must agree on this: steps, size, subject count, masks or not, per-block
-    scales, DDS schedule and true CFG or not (each row keeps its own prompt, references, scales, masks, guidance,
-    seed, negative prompt and true-CFG scale)."""
+    scales, DDS schedule, true CFG or not, and DBIM's mixing steps or DBIM off (each row keeps its own prompt,
+    references, scales, masks, guidance, seed, negative prompt, true-CFG scale and DBIM lambda, words and map)."""
     return (request.steps, request.height, request.width, request.num_subjects, request.masks is not None,
             tuple(request.block_scales.tolist()), request.text_branch if request.uses_text_branch else None,
-            request.uses_true_cfg)
+            request.uses_true_cfg, None if request.dbim is None else request.dbim.steps)
 
 
 def check_batch(requests: Sequence[ValidRequest]) -> None:
@@ -203,7 +233,8 @@ def check_batch(requests: Sequence[ValidRequest]) -> None:
     for i, r in enumerate(requests[1:], start=1):
         if batch_key(r) != first:
             raise InputError(f"requests[{i}] cannot share a batch with requests[0]: steps, height, width, subject "
-                             f"count, masks, text_branch and true CFG must match ({batch_key(r)} vs {first})")
+                             f"count, masks, text_branch, DBIM's mixing steps and true CFG must match ({batch_key(r)} "
+                             f"vs {first})")
 
 
 @dataclass(frozen=True)

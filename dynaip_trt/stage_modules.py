@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapter import DynaIPAdapter
-from .attention import ReferenceInputs
+from .attention import DBIMInputs, ReferenceInputs
 from .conditioning import ReferenceKV
 from .models import clip_levels, decode_latents, dit_forward, encode_text
 from .sampling import euler_step
@@ -114,13 +114,38 @@ class DiTStep(FlatModule):
                 timestep_next: torch.Tensor, guidance: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
                 img_k: torch.Tensor, img_v: torch.Tensor, scales: torch.Tensor, masks: torch.Tensor,
                 block_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(latents, text_embeds, pooled, timestep, timestep_next, guidance, img_ids, txt_ids, img_k,
+                         img_v, scales, masks, block_scales)
+
+    def step(self, latents: torch.Tensor, text_embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
+             timestep_next: torch.Tensor, guidance: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
+             img_k: torch.Tensor, img_v: torch.Tensor, scales: torch.Tensor, masks: torch.Tensor,
+             block_scales: torch.Tensor, dbim: DBIMInputs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, with DBIM's inputs when the batch is concept rows then auxiliary rows."""
         c = self.cast
         ref = ReferenceInputs(kv=ReferenceKV(c(img_k), c(img_v)), scales=c(scales), masks=c(masks),
-                              block_scales=c(block_scales), mode=self.mode, image_tokens=latents.shape[1])
+                              block_scales=c(block_scales), mode=self.mode, image_tokens=latents.shape[1], dbim=dbim)
         velocity = dit_forward(self.transformer, c(latents), c(text_embeds), c(pooled), timestep, guidance,
                                img_ids, txt_ids, ref).float()
         latents_next = euler_step(latents.float(), velocity, timestep[:, None, None], timestep_next[:, None, None])
         return velocity, latents_next
+
+
+class DiTDBIMStep(DiTStep):
+    """The DiT step of DBIM's mixing steps (``MODEL_IO["dit_dbim"]``): the inputs of :class:`DiTStep` for ``2B``
+    rows (``B`` concept rows, then their ``B`` auxiliary rows) plus prompt_tokens, map_tokens ``[2B, Ltxt]``,
+    reference_map, dbim_lambda ``[2B]`` (:class:`~dynaip_trt.dbim.DBIMCondition`) -> velocity and latents_next
+    ``[2B, N, 64]`` of both branches (each row steps its own latents). Every double-stream block mixes the concept
+    rows' image-token attention output with the auxiliary rows' (:func:`~dynaip_trt.attention.dbim_mix`)."""
+
+    def forward(self, latents: torch.Tensor, text_embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
+                timestep_next: torch.Tensor, guidance: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
+                img_k: torch.Tensor, img_v: torch.Tensor, scales: torch.Tensor, masks: torch.Tensor,
+                block_scales: torch.Tensor, prompt_tokens: torch.Tensor, map_tokens: torch.Tensor,
+                reference_map: torch.Tensor, dbim_lambda: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dbim = DBIMInputs(prompt_tokens.float(), map_tokens.float(), reference_map.float(), dbim_lambda.float())
+        return self.step(latents, text_embeds, pooled, timestep, timestep_next, guidance, img_ids, txt_ids, img_k,
+                         img_v, scales, masks, block_scales, dbim)
 
 
 class VaeDecode(FlatModule):

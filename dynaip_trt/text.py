@@ -12,6 +12,7 @@ Prompts longer than the text length are truncated, as diffusers does, with a war
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -84,6 +85,43 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_masks(self, text: str, spans: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Which of the ``max_length`` token positions of ``text`` hold its own tokens (no special or padding
+        tokens, nothing truncated away), and which of those overlap a character span of ``spans``
+        (``[start, end)``): two ``[max_length]`` float32 0/1 masks."""
+        enc = self._tok.encode(text)
+        own = np.array([m == 0 for m in enc.special_tokens_mask], dtype=np.float32)
+        hit = np.array([any(s < end and start < e for s, e in spans) for start, end in enc.offsets], np.float32)
+        return own, own * hit
+
+    def knows(self, word: str) -> bool:
+        """Whether ``word`` tokenizes without the unknown token (a closed word-level vocabulary lacks most words;
+        byte-level tokenizers know every word)."""
+        unk = getattr(self._tok.model, "unk_token", None)
+        unk_id = None if unk is None else self._tok.token_to_id(unk)
+        enc = self._tok.encode(word)
+        return unk_id is None or unk_id not in [i for i, m in zip(enc.ids, enc.attention_mask) if m]
+
+
+def word_spans(text: str, phrase: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of every occurrence of ``phrase`` in ``text`` as whole words, any case."""
+    pattern = re.compile(rf"(?<!\w){re.escape(phrase.strip())}(?!\w)", re.IGNORECASE)
+    return [m.span() for m in pattern.finditer(text)]
+
+
+def replace_words(text: str, phrase: str, replacement: str) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` with every whole-word occurrence of ``phrase`` replaced by ``replacement``, and the character spans
+    of the replacements in the new text."""
+    out, spans, last = [], [], 0
+    for start, end in word_spans(text, phrase):
+        out.append(text[last:start])
+        offset = sum(len(p) for p in out)
+        spans.append((offset, offset + len(replacement)))
+        out.append(replacement)
+        last = end
+    out.append(text[last:])
+    return "".join(out), spans
 
 
 def byte_tokenizer(max_length: int) -> Tokenizer:

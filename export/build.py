@@ -1,6 +1,7 @@
 """Build TensorRT engines: export and check ONNX, calibrate FP8 if asked, then build one engine per model.
 
     python -m export.build --precision fp16                 # the embedded default -> build/<config>
+    python -m export.build --precision fp16 --dbim          # ... with DBIM's mixing-step DiT (engine + CUDA graph)
     python -m export.build --precision fp8 --config flux-dev --resolutions 1024x1024,768x1344 --max-subjects 4
         [--fp8-base bf16|fp16] [--no-tf32] [--version-compatible]
     python -m export.build --precision bf16 --base /models/FLUX.1-dev --clip /models/clip-vit-large-patch14 \\
@@ -33,7 +34,7 @@ from dynaip_trt.cli import check_source_args, cli_main, configure_logging, famil
 from dynaip_trt.cli import progress as progress_bar
 from dynaip_trt.errors import BackendUnavailableError, ConfigError
 from dynaip_trt.files import atomic_path, claim_dir, staged_files
-from dynaip_trt.manifest import FP8_BASES, MODEL_IO, PLAN_FILE, Manifest, sha256_file
+from dynaip_trt.manifest import FP8_BASES, MODEL_IO, PLAN_FILE, REQUIRED_MODELS, Manifest, sha256_file
 
 from .cli import add_export_args, envelope_from_args
 from .engines import (DEFAULT_FP8_BASE, ENGINE_PRECISIONS, EngineBuilder, EnginePlan, check_gpu_supports,
@@ -103,10 +104,11 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
         opset: int, skip_export: bool = False, plan_only: bool = False, optimization_level: int = 3,
         workspace_bytes: int | None = None, calib_samples: int = 8, verbose: bool = False,
         progress: bool = True, force: bool = False, fp8_base: str = DEFAULT_FP8_BASE, tf32: bool = True,
-        version_compatible: bool = False) -> list[EnginePlan]:
+        version_compatible: bool = False, dbim: bool = False) -> list[EnginePlan]:
     """The whole build (see the module docstring); returns the engine plans. ``models`` may be ``None`` only with
-    ``skip_export`` for fp16/bf16 (nothing to export or calibrate). Raises :class:`BackendUnavailableError` after
-    the ONNX step when engines cannot be built here."""
+    ``skip_export`` for fp16/bf16 (nothing to export or calibrate). ``dbim``: also export DBIM's mixing-step DiT
+    (``dit_dbim``) and build its engine (with ``skip_export``, an exported ``dit_dbim`` is built anyway). Raises
+    :class:`BackendUnavailableError` after the ONNX step when engines cannot be built here."""
     if precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {list(ENGINE_PRECISIONS)}")
     if fp8_base not in FP8_BASES:
@@ -120,8 +122,10 @@ def run(models: DynaIPModels | None, out_dir: str | Path, precision: str, envelo
     else:
         from .exporter import export_all
 
-        export_all(out_dir, models=models, opset=opset, variants=required_variants(precision, fp8_base=fp8_base),
-                   envelope=envelope, progress=progress, force=force)
+        names = REQUIRED_MODELS + (("dit_dbim",) if dbim else ())
+        export_all(out_dir, models=models, names=names, opset=opset,
+                   variants=required_variants(precision, names, fp8_base=fp8_base), envelope=envelope,
+                   progress=progress, force=force)
     if precision == "fp8":
         from .fp8 import prepare_fp8
 
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="clear TensorRT's default TF32 flag: fp32 layers compute in strict fp32 (slower)")
     p.add_argument("--version-compatible", action="store_true",
                    help="engines later TensorRT versions of the same major version (and tensorrt_lean) can run")
+    p.add_argument("--dbim", action="store_true", help="also export and build DBIM's mixing-step DiT (dit_dbim), "
+                   "which requests with dbim_lambda need")
     args = p.parse_args(argv)
     configure_logging(args.verbose)
     if args.precision not in ENGINE_PRECISIONS:
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         run(models, out, args.precision, envelope_from_args(args, cfg), calib, args.opset, args.skip_export,
             args.plan_only, args.opt_level, int(args.workspace_gib * 2**30) if args.workspace_gib else None,
             args.calib_samples, args.verbose, force=args.force, fp8_base=args.fp8_base, tf32=not args.no_tf32,
-            version_compatible=args.version_compatible)
+            version_compatible=args.version_compatible, dbim=args.dbim)
     except BackendUnavailableError as e:
         logger.error("the ONNX graphs are exported and checked, but the engine step cannot run here: %s. "
                      "Copy the build folder to a GPU machine with TensorRT and run this command with "

@@ -42,7 +42,8 @@ from typing import Any
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, DynaIPError, ManifestError
 from dynaip_trt.files import atomic_path
-from dynaip_trt.manifest import FP8_BASES, MODEL_IO, TIMING_CACHE, Manifest, fp8_variant, safe_join, sha256_file
+from dynaip_trt.manifest import FP8_BASES, MODEL_IO, REQUIRED_MODELS, TIMING_CACHE, Manifest, fp8_variant, \
+    safe_join, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo, import_tensorrt, require_gpu, tensorrt_logger, trt_log
 
 from .envelope import Envelope
@@ -78,7 +79,7 @@ def graph_precision(model: str, precision: str, fp8_base: str = DEFAULT_FP8_BASE
     return precision if precision in allowed else "fp32"
 
 
-def required_variants(precision: str, names: tuple[str, ...] = tuple(MODEL_IO), fp8_base: str = DEFAULT_FP8_BASE
+def required_variants(precision: str, names: tuple[str, ...] = REQUIRED_MODELS, fp8_base: str = DEFAULT_FP8_BASE
                       ) -> dict[str, tuple[str, ...]]:
     """The fp16/bf16 ONNX variants (``export_all(variants=...)``) an engine build in ``precision`` needs
     (the fp8 DiT graphs come from calibration, not from the plain export)."""
@@ -131,10 +132,11 @@ class EnginePlan:
 
 
 def plan_engines(manifest: Manifest, directory: str | Path, precision: str, envelope: Envelope | None = None,
-                 names: tuple[str, ...] = tuple(MODEL_IO), optimization_level: int = 3,
+                 names: tuple[str, ...] | None = None, optimization_level: int = 3,
                  workspace_bytes: int | None = None, fp8_base: str = DEFAULT_FP8_BASE, tf32: bool = True,
                  version_compatible: bool = False) -> list[EnginePlan]:
-    """One :class:`EnginePlan` per model of ``names`` for an engine build in ``precision``.
+    """One :class:`EnginePlan` per model of ``names`` (default: every model the build has, DBIM's optional
+    ``dit_dbim`` included when exported) for an engine build in ``precision``.
 
     Profiles come from ``envelope`` (default: the profiles recorded at export). Raises :class:`ConfigError` when a
     graph the plan needs is missing from the build (re-export with the variant, or calibrate for fp8).
@@ -145,6 +147,7 @@ def plan_engines(manifest: Manifest, directory: str | Path, precision: str, enve
     if envelope is not None and envelope.subjects[2] > cfg.max_subjects:
         raise ConfigError(f"--max-subjects {envelope.subjects[2]} exceeds the config's maximum {cfg.max_subjects}")
     flags = ("VERSION_COMPATIBLE",) if version_compatible else ()
+    names = names or tuple(n for n in MODEL_IO if n in manifest.models)
     plans = []
     for name in names:
         if name not in manifest.models:

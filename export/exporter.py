@@ -26,7 +26,8 @@ from dynaip_trt.cli import progress as progress_bar
 from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.files import claim_dir
-from dynaip_trt.manifest import DEFAULT_OPSET, MANIFEST_FILE, MODEL_IO, Manifest, ModelEntry, sha256_file
+from dynaip_trt.manifest import DEFAULT_OPSET, MANIFEST_FILE, MODEL_IO, REQUIRED_MODELS, Manifest, ModelEntry, \
+    sha256_file
 from dynaip_trt.models import DynaIPModels
 from dynaip_trt.weights import load_family
 
@@ -178,12 +179,13 @@ def default_envelope(cfg: DynaIPConfig) -> Envelope:
 
 
 def export_all(out_dir: str | Path, config: str | DynaIPConfig = DEFAULT_CONFIG, models: DynaIPModels | None = None,
-               names: tuple[str, ...] = tuple(SPECS), opset: int = DEFAULT_OPSET,
+               names: tuple[str, ...] = REQUIRED_MODELS, opset: int = DEFAULT_OPSET,
                variants: dict[str, tuple[str, ...]] | None = None, envelope: Envelope | None = None,
                external_threshold: int = TWO_GIB - 2**28, progress: bool = True, what: str | None = None,
                force: bool = False) -> Manifest:
-    """Export ``names`` (plus the reduced-precision ``variants``, ``{"fp16": ("dit", ...), "bf16": (...)}``) to
-    ``out_dir`` and write ``manifest.json``.
+    """Export ``names`` (default: every required model; add ``"dit_dbim"`` for DBIM's mixing-step graph) plus the
+    reduced-precision ``variants``, ``{"fp16": ("dit", ...), "bf16": (...)}``, to ``out_dir`` and write
+    ``manifest.json``.
 
     ``out_dir`` must be new, empty or a previous build (only files its manifest lists): a folder holding anything
     else raises :class:`~dynaip_trt.errors.OutputError` naming it as ``what`` (default ``out_dir=...``) before any

@@ -1,6 +1,7 @@
 """Export every model the runtime needs to ONNX (TensorRT-ready) and write a manifest.
 
     python -m export.onnx --engine-dir build/tiny-random [--fp16] [--bf16] [--fp8 --calib DIR] [--models dit,vae]
+        [--dbim]                             # also DBIM's mixing-step DiT graph (dit_dbim)
     python -m export.onnx --base /path/FLUX.1-dev --clip /path/clip-vit-large-patch14 --adapter dynaip.safetensors \\
         --engine-dir build/flux-dev          # full depth: run on a big machine (see README), not in CI
 
@@ -16,10 +17,10 @@ import sys
 from dynaip_trt.cli import check_source_args, cli_main, configure_logging
 from dynaip_trt.errors import ConfigError
 from dynaip_trt.files import claim_dir
-from dynaip_trt.manifest import Manifest
+from dynaip_trt.manifest import REQUIRED_MODELS, Manifest
 
 from .cli import add_export_args, envelope_from_args
-from .specs import BF16_MODELS, FP16_MODELS, SPECS
+from .specs import BF16_MODELS, FP16_MODELS, SPECS, variants_of
 
 logger = logging.getLogger("export.onnx")
 
@@ -28,9 +29,12 @@ logger = logging.getLogger("export.onnx")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
     add_export_args(p)
-    p.add_argument("--models", default=",".join(SPECS), help=f"subset of {','.join(SPECS)}")
-    p.add_argument("--fp16", action="store_true", help=f"also export FP16 variants of {FP16_MODELS}")
-    p.add_argument("--bf16", action="store_true", help=f"also export BF16 variants of {BF16_MODELS}")
+    p.add_argument("--models", default=",".join(REQUIRED_MODELS), help=f"subset of {','.join(SPECS)} (default "
+                   f"%(default)s)")
+    p.add_argument("--dbim", action="store_true", help="also export DBIM's mixing-step DiT graph (dit_dbim), which "
+                   "requests with dbim_lambda need")
+    p.add_argument("--fp16", action="store_true", help=f"also export FP16 variants of {FP16_MODELS} (and dit_dbim)")
+    p.add_argument("--bf16", action="store_true", help=f"also export BF16 variants of {BF16_MODELS} (and dit_dbim)")
     p.add_argument("--fp8", action="store_true", help="also export the FP8 DiT (calibrating into --calib if needed)")
     p.add_argument("--calib", metavar="DIR", help="FP8 calibration folder (default calib/<config>)")
     p.add_argument("--force", action="store_true", help="re-export every graph (default: reuse the graphs of a "
@@ -38,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure_logging(args.verbose)
     names = tuple(n.strip() for n in args.models.split(",") if n.strip())
+    names += ("dit_dbim",) if args.dbim and "dit_dbim" not in names else ()
     unknown = [n for n in names if n not in SPECS]
     if unknown or not names:
         raise ConfigError(f"--models: unknown model {unknown or [args.models]}; choose from {list(SPECS)}")
@@ -57,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         from calibration.store import owned_files
 
         claim_dir(calib, owned_files, f"--calib {calib}")
-    variants = {p: tuple(n for n in allowed if n in names)
-                for p, allowed, wanted in (("fp16", FP16_MODELS, args.fp16), ("bf16", BF16_MODELS, args.bf16))
-                if wanted}
+    variants = {p: variants_of(p, names) for p, wanted in (("fp16", args.fp16), ("bf16", args.bf16)) if wanted}
     envelope = envelope_from_args(args, models.config)
     export_all(out, models=models, names=names, opset=args.opset, variants=variants, envelope=envelope,
                what=f"--engine-dir {out}", force=args.force)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.errors import ConfigError
-from dynaip_trt.manifest import MODEL_IO
+from dynaip_trt.manifest import MODEL_IO, REQUIRED_MODELS
 from dynaip_trt.sampling import image_token_count, latent_image_ids, text_ids
 
 from .envelope import Envelope
@@ -202,6 +202,43 @@ class DiTSpec(ModelSpec):
         return inputs
 
 
+class DiTDBIMSpec(DiTSpec):
+    """DBIM's mixing-step DiT (:class:`~dynaip_trt.stage_modules.DiTDBIMStep`): the DiT's inputs and profile, on
+    ``2B`` rows (concept rows, then their auxiliary rows: the batch axis must be even), plus the per-row DBIM
+    inputs. No FP8 variant: the mixing steps are few, an fp8 build runs them on its base precision's graph."""
+
+    name = "dit_dbim"
+    precisions = ("fp32", "fp16", "bf16")
+
+    def module(self, dtype: torch.dtype | None = None) -> nn.Module:
+        from dynaip_trt.stage_modules import DiTDBIMStep
+
+        return DiTDBIMStep(self.models.transformer, self.cfg.adapter.attention_mode, dtype)
+
+    def dynamic_axes(self):
+        per_row = {0: "batch"}
+        return {**super().dynamic_axes(), "prompt_tokens": per_row, "map_tokens": per_row, "reference_map": per_row,
+                "dbim_lambda": per_row}
+
+    def shapes(self, batch, subjects, height, width):
+        length = self.cfg.text.max_text_length
+        return {**super().shapes(batch, subjects, height, width), "prompt_tokens": (batch, length),
+                "map_tokens": (batch, length), "reference_map": (batch,), "dbim_lambda": (batch,)}
+
+    def fix_inputs(self, inputs, height, width):
+        import torch
+
+        inputs = super().fix_inputs(inputs, height, width)
+        b, length = inputs["prompt_tokens"].shape
+        own = (torch.arange(length)[None, :] < torch.tensor([length // 2 + i for i in range(b)])[:, None]).float()
+        inputs["prompt_tokens"] = own  # each row's own tokens: a prefix, as real prompts have
+        inputs["map_tokens"] = own * (inputs["map_tokens"] > 0).float()
+        inputs["map_tokens"][:, 0] = 1.0  # never an empty token set
+        inputs["reference_map"] = (torch.arange(b) % 2 == 0).float()
+        inputs["dbim_lambda"] = torch.linspace(-2.0, 2.0, b)
+        return inputs
+
+
 class VaeSpec(ModelSpec):
     name = "vae"
 
@@ -218,9 +255,16 @@ class VaeSpec(ModelSpec):
         return {"latents": (batch, self.cfg.vae.latent_channels, height // f, width // f)}
 
 
-SPECS: dict[str, type[ModelSpec]] = {s.name: s for s in (ClipSpec, FusionSpec, TextSpec, DiTSpec, VaeSpec)}
-FP16_MODELS = tuple(n for n, s in SPECS.items() if "fp16" in s.precisions)  # not text: T5 overflows in fp16
-BF16_MODELS = tuple(n for n, s in SPECS.items() if "bf16" in s.precisions)
+SPECS: dict[str, type[ModelSpec]] = {s.name: s for s in (ClipSpec, FusionSpec, TextSpec, DiTSpec, VaeSpec,
+                                                         DiTDBIMSpec)}
+# the required models with each variant (DBIM's optional dit_dbim has both too: variants_of)
+FP16_MODELS = tuple(n for n in REQUIRED_MODELS if "fp16" in SPECS[n].precisions)  # not text: T5 overflows in fp16
+BF16_MODELS = tuple(n for n in REQUIRED_MODELS if "bf16" in SPECS[n].precisions)
+
+
+def variants_of(precision: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The models of ``names`` that have a ``precision`` graph (``fp16``, ``bf16``)."""
+    return tuple(n for n in names if precision in SPECS[n].precisions)
 
 
 def get_spec(name: str, models: DynaIPModels | DynaIPConfig) -> ModelSpec:

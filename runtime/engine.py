@@ -164,8 +164,10 @@ class DynaIPEngine:
                  scales: float | Sequence[float] = 1.0, granularity=None, masks=None, block_scales=None,
                  steps: int | None = None, guidance: float | None = None, height: int | None = None,
                  width: int | None = None, seed: int | None = None, truncate_prompt: bool = True, text_branch=None,
-                 negative_prompt: str | None = None, true_cfg_scale: float = 1.0, output_type: str = "pil",
-                 progress: bool = False) -> list[Image.Image] | np.ndarray:
+                 negative_prompt: str | None = None, true_cfg_scale: float = 1.0, dbim_lambda: float | None = None,
+                 dbim_steps: float | None = None, subject_word: str | None = None, aux_noun: str | None = None,
+                 dbim_map: str | None = None, output_type: str = "pil", progress: bool = False
+                 ) -> list[Image.Image] | np.ndarray:
         """Generate one image per prompt showing the reference subjects.
 
         The arguments are the fields of :class:`~dynaip_trt.request.GenerationRequest` (see there); a list of
@@ -180,7 +182,9 @@ class DynaIPEngine:
             p, references, scales=scales, granularity=granularity, masks=masks, block_scales=block_scales,
             steps=steps, guidance=guidance, height=height, width=width,
             seed=base + i if type(base) is int else base, truncate_prompt=truncate_prompt, text_branch=text_branch,
-            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale) for i, p in enumerate(prompts)]
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, dbim_lambda=dbim_lambda,
+            dbim_steps=dbim_steps, subject_word=subject_word, aux_noun=aux_noun, dbim_map=dbim_map)
+            for i, p in enumerate(prompts)]
         return self._generate(requests, fields, output_type, progress)
 
     def generate_batch(self, requests: Sequence[GenerationRequest], output_type: str = "pil",
@@ -203,9 +207,11 @@ class DynaIPEngine:
                              f"(rebuild with export.build --batch)")
         with self._lock:
             rows = [self.sampler.validate(r, f) for r, f in zip(requests, prompt_fields)]
-            if rows[0].uses_true_cfg and self.max_batch is not None and 2 * len(rows) > self.max_batch:
-                raise InputError(f"{len(rows)} request(s) with true CFG run {2 * len(rows)} DiT rows (each with its "
-                                 f"negative row); this build serves batches of 1..{self.max_batch} (rebuild with "
+            doubled = "true CFG" if rows[0].uses_true_cfg else "DBIM" if rows[0].dbim is not None else None
+            if doubled and self.max_batch is not None and 2 * len(rows) > self.max_batch:
+                extra = "negative row" if rows[0].uses_true_cfg else "auxiliary row"
+                raise InputError(f"{len(rows)} request(s) with {doubled} run {2 * len(rows)} DiT rows (each with its "
+                                 f"{extra}); this build serves batches of 1..{self.max_batch} (rebuild with "
                                  f"export.build --batch)")
             latents = self.sampler.run(rows, progress)
             if output_type == "latent":

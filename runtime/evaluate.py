@@ -3,12 +3,18 @@
     python -m runtime.evaluate --config tiny --engine-dir build/tiny --json eval.json      # the full evaluation
     python -m runtime.evaluate --engine-dir build/tiny --no-torch --rows baseline,backends  # lean: ONNX Runtime only
     python -m runtime.evaluate --config tiny --scenes 24,12 --rows baseline,backends        # a quick subset
+    python -m runtime.evaluate --config tiny --rows dbim --dbim-lambdas=-2,-1,0,1,2 --json dbim.json  # DCI's DBIM
+    python -m runtime.plot_dbim --json dbim.json --out dbim.png                             # CP and PF vs lambda
+    python -m runtime.evaluate --config tiny --rows constraint --constrained-adapter constrained.safetensors
 
 Rows (``--rows``, groups of :data:`runtime.evaluation.GROUPS`): ``baseline`` (adapter scale 0), ``backends`` (torch
 fp32, torch-fp8, and every graph precision of each ``--engine-dir`` with ONNX Runtime; ``--tensorrt`` adds its
 engines), ``dds`` (text branch kept vs dropped; torch), ``scale`` (``--scales``), ``granularity`` (one CLIP level
-only), ``blocks`` (one injected block only). The torch rows run ``--config`` (or ``--base``/``--clip``/``--adapter``);
-with ``--no-torch`` the first build's ONNX Runtime fp32 graphs are the reference and torch is never imported.
+only), ``blocks`` (one injected block only), ``dbim`` (DBIM at each of ``--dbim-lambdas``, the subject word the
+prompt's generic noun; ``--aux-noun``), ``constraint`` (the torch rows with ``--constrained-adapter``, an adapter
+trained with MM-Diff's attention constraint: compare its two-subject rates). The torch rows run ``--config`` (or
+``--base``/``--clip``/``--adapter``); with ``--no-torch`` the first build's ONNX Runtime fp32 graphs are the
+reference and torch is never imported.
 
 Prints a table (rates; what each row computes; targets met or not) and writes ``--json``. ``--clip-model`` and
 ``--dino-model`` (local transformers folders) add CLIP-I, CLIP-T and DINO. Arguments, folders and the output path
@@ -35,8 +41,8 @@ from dynaip_trt.files import atomic_path
 from dynaip_trt.manifest import Manifest
 
 from .engine import DynaIPEngine
-from .evaluation import DEFAULT_GROUPS, DEFAULT_SCALES, FULL_SCENES, GROUPS, Evaluation, Plan, Source, \
-    check_targets, evaluation_set, plan_rows, report, table
+from .evaluation import CONSTRAINED_SOURCE, DEFAULT_DBIM_LAMBDAS, DEFAULT_GROUPS, DEFAULT_SCALES, FULL_SCENES, \
+    GROUPS, Evaluation, Plan, Source, check_targets, evaluation_set, plan_rows, report, table
 from .scorer import WorldScorer
 
 logger = logging.getLogger("runtime.evaluate")
@@ -57,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scales", default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
                    help="adapter scales of the scale rows (default %(default)s; 0 and 1 are the baseline and "
                         "reference rows)")
+    p.add_argument("--dbim-lambdas", default=",".join(f"{v:g}" for v in DEFAULT_DBIM_LAMBDAS), metavar="L,...",
+                   help="the dbim rows' lambdas (default %(default)s; a list starting with a negative value is "
+                   "given as --dbim-lambdas=-2,2)")
+    p.add_argument("--aux-noun", help="the dbim rows' auxiliary noun (default: the first default noun the model "
+                   "knows; made plural for several subjects)")
+    p.add_argument("--constrained-adapter", metavar="FILE", help="the constraint rows' adapter (.safetensors) "
+                   "trained with the attention constraint")
     p.add_argument("--scenes", default=f"{FULL_SCENES['one_subject']},{FULL_SCENES['two_subjects']}",
                    metavar="N1,N2", help="one-subject and two-subject scenes (default %(default)s: the full set)")
     p.add_argument("--seed", type=int, default=0, help="seed of placements, reference views and noise")
@@ -94,6 +107,29 @@ def report_is_ours(path: Path) -> bool:
         return False
 
 
+def check_dbim_args(args: argparse.Namespace, groups: list[str]) -> list[float]:
+    """The dbim and constraint rows' flags -> the lambdas."""
+    from dynaip_trt.dbim import MAX_DBIM_LAMBDA
+
+    lambdas = parse_list(args.dbim_lambdas, "--dbim-lambdas", float)
+    if any(not math.isfinite(v) or abs(v) > MAX_DBIM_LAMBDA for v in lambdas):
+        raise InputError(f"--dbim-lambdas {args.dbim_lambdas}: each lambda must be a finite number in "
+                         f"[-{MAX_DBIM_LAMBDA:g}, {MAX_DBIM_LAMBDA:g}]")
+    if args.aux_noun is not None and not args.aux_noun.strip().isalpha():
+        raise InputError(f"--aux-noun {args.aux_noun!r} must be one common noun (letters only)")
+    if "constraint" in groups:
+        if args.constrained_adapter is None:
+            raise InputError("--rows constraint needs --constrained-adapter FILE (an adapter trained with the "
+                             "attention constraint)")
+        if args.no_torch:
+            raise InputError("--rows constraint runs --constrained-adapter on the torch backend: drop --no-torch")
+        if not Path(args.constrained_adapter).is_file():
+            raise InputError(f"--constrained-adapter {args.constrained_adapter}: no such file")
+    elif args.constrained_adapter is not None:
+        raise InputError("--constrained-adapter applies to the constraint rows: add constraint to --rows")
+    return lambdas
+
+
 def check_args(args: argparse.Namespace) -> tuple[list[str], list[float], tuple[int, int]]:
     """Every flag, in CLI terms, before any model is loaded -> (row groups, scales, scene counts)."""
     groups = parse_list(args.rows, "--rows", str) if args.rows is not None else list(DEFAULT_GROUPS)
@@ -118,6 +154,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[float], tuple[
         groups = [g for g in groups if g != "dds"]
     else:
         check_source_args(args)
+    check_dbim_args(args, groups)
     for flag, value in (("--clip-model", args.clip_model), ("--dino-model", args.dino_model),
                         ("--scorer", args.scorer)):
         if value is not None and not Path(value).is_dir():
@@ -161,6 +198,8 @@ def sources(args: argparse.Namespace, manifests: list[Manifest], groups: list[st
         out["torch"] = Source("torch", "torch")
         if "backends" in groups:
             out["torch-fp8"] = Source("torch-fp8", "torch", precision="fp8")
+    if args.constrained_adapter:
+        out[CONSTRAINED_SOURCE] = Source(CONSTRAINED_SOURCE, "torch", adapter=args.constrained_adapter)
     for i, m in enumerate(manifests):
         for precision in dict.fromkeys(p for e in m.models.values() for p in e.graphs()):
             if precision == "fp32" or "backends" in groups:
@@ -190,6 +229,8 @@ def engine_factories(args: argparse.Namespace, srcs: dict[str, Source]) -> dict[
             return torch_models
         if src.key == "torch-fp8":
             return lambda: DynaIPEngine.from_models(torch_models().stages.models, fp8=True)
+        if src.key == CONSTRAINED_SOURCE:
+            return lambda: constrained_engine(args)
         directory = args.engine_dir[src.build]
         if src.backend == "tensorrt":
             return lambda: DynaIPEngine.from_dir(directory, backend="tensorrt", device=args.device)
@@ -197,6 +238,17 @@ def engine_factories(args: argparse.Namespace, srcs: dict[str, Source]) -> dict[
                                              precision=src.precision, threads=args.threads)
 
     return {key: make(src) for key, src in srcs.items()}
+
+
+def constrained_engine(args: argparse.Namespace) -> DynaIPEngine:
+    """The torch rows' model with ``--constrained-adapter`` as its adapter, attending in the mode it was trained in
+    (the constraint trains ``concat`` mode; the adapter file's header says)."""
+    from .torch_backend import load_models_on, with_adapter_file
+
+    device = args.device or "cpu"
+    models = load_models_on(device, None, base=args.base, clip=args.clip) if args.base else \
+        load_models_on(device, None, config=args.config, seed=args.weights_seed)
+    return DynaIPEngine.from_models(with_adapter_file(models, args.constrained_adapter))
 
 
 def weights_label(args: argparse.Namespace) -> str:
@@ -220,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or cfg.steps
     srcs = sources(args, manifests, groups)
     reference = srcs["torch"] if "torch" in srcs else srcs["onnxruntime:0:fp32"]
-    rows = plan_rows(Plan(srcs, reference, cfg, tuple(scales), steps), groups)
+    rows = plan_rows(Plan(srcs, reference, cfg, tuple(scales), steps, tuple(check_dbim_args(args, groups)),
+                          args.aux_noun), groups)
+    if "dbim" in groups and reference.backend == "onnxruntime" and "dit_dbim" not in manifests[0].models:
+        raise ConfigError(f"--rows dbim on --engine-dir {args.engine_dir[0]} needs its DBIM graph: export it with "
+                          f"python -m export.onnx --engine-dir {args.engine_dir[0]} --dbim (or run the torch rows)")
     scorer = WorldScorer(args.scorer, what=f"--scorer {args.scorer}" if args.scorer else None)
     similarity = None
     if args.clip_model or args.dino_model:

@@ -12,7 +12,9 @@ a build's fp32 / fp16 / fp8 graphs, TensorRT engines) and request options (any f
 :class:`~dynaip_trt.request.GenerationRequest`, e.g. ``scales``, ``granularity``, ``block_scales``; plus
 ``text_branch_steps``). Groups: ``baseline`` (adapter scale 0), ``backends``, ``dds`` (text branch kept at every
 step vs dropped, torch only), ``scale`` (adapter scale sweep), ``granularity`` (one CLIP level only: low, mid,
-high), ``blocks`` (image-branch injection in one block only). A new row kind is a function in :data:`GROUPS`.
+high), ``blocks`` (image-branch injection in one block only), ``dbim`` (DCI's dual-branch integration at several
+lambda; the subject word is the prompt's generic noun), ``constraint`` (the torch rows with an adapter trained with
+MM-Diff's attention constraint, for two-subject CP). A new row kind is a function in :data:`GROUPS`.
 
 **Verdicts** (:mod:`dynaip_trt.demo.verdicts`, read by the shipped scorer, :class:`~runtime.scorer.WorldScorer`):
 subject fidelity (colour, shape, pattern of each referenced subject: the CP analogue) and prompt following
@@ -43,7 +45,7 @@ from PIL import Image
 from dynaip_trt.cli import progress as progress_bar
 from dynaip_trt.configs import DynaIPConfig
 from dynaip_trt.demo.verdicts import chance, judge, rate
-from dynaip_trt.demo.world import LAYOUTS, SETTINGS, Scene, World
+from dynaip_trt.demo.world import GENERIC_NOUN, LAYOUTS, SETTINGS, Scene, World
 from dynaip_trt.errors import ConfigError, InputError
 from dynaip_trt.request import GenerationRequest, TextBranchSchedule
 
@@ -116,11 +118,13 @@ class Source:
     backend: str
     build: int | None = None
     precision: str = "fp32"
+    adapter: str | None = None  # torch: an adapter file replacing the model's adapter (the constraint rows)
 
     @property
     def label(self) -> str:
         if self.backend == "torch":
-            return "torch fp8" if self.precision == "fp8" else "torch fp32"
+            name = "torch fp8" if self.precision == "fp8" else "torch fp32"
+            return f"{name}, constrained adapter" if self.adapter else name
         suffix = f" (build {self.build})" if self.build else ""
         return f"{self.backend} {self.precision}{suffix}"
 
@@ -149,6 +153,8 @@ class Plan:
     config: DynaIPConfig
     scales: tuple[float, ...]
     steps: int
+    dbim_lambdas: tuple[float, ...] = ()
+    aux_noun: str | None = None
 
     @property
     def reference_row(self) -> str:
@@ -207,12 +213,30 @@ def _blocks(plan: Plan) -> list[Row]:
                 {"block_scales": [float(i == j) for j in range(n)]}, plan.reference_row) for i in range(n)]
 
 
+def _dbim(plan: Plan) -> list[Row]:
+    aux = {} if plan.aux_noun is None else {"aux_noun": plan.aux_noun}
+    return [Row(f"DBIM lambda {lam:g}", "dbim", plan.reference.key, {"dbim_lambda": float(lam), **aux},
+                plan.reference_row) for lam in plan.dbim_lambdas]
+
+
+CONSTRAINED_SOURCE = "torch-constrained"
+
+
+def _constraint(plan: Plan) -> list[Row]:
+    src = plan.sources.get(CONSTRAINED_SOURCE)
+    if src is None:
+        raise InputError("the constraint rows run an adapter trained with the attention constraint: give its file "
+                         "(--constrained-adapter FILE, torch rows)")
+    return [Row(src.label, "constraint", src.key, paired_with=plan.reference_row)]
+
+
 GROUPS: dict[str, Callable[[Plan], list[Row]]] = {
     "baseline": _baseline, "backends": _backends, "dds": _dds, "scale": _scale, "granularity": _granularity,
-    "blocks": _blocks,
+    "blocks": _blocks, "dbim": _dbim, "constraint": _constraint,
 }
 DEFAULT_GROUPS = ("baseline", "backends", "dds", "scale", "granularity")
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0)
+DEFAULT_DBIM_LAMBDAS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # the paper's range
 
 
 def plan_rows(plan: Plan, groups: Sequence[str]) -> list[Row]:
@@ -241,12 +265,23 @@ def request_options(options: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def dbim_words(item: Item, options: dict[str, Any]) -> dict[str, Any]:
+    """DBIM's subject word of an item's generic prompt (``"object"``, or ``"objects"`` with several subjects, the
+    auxiliary noun made plural too) when the row uses DBIM; ``{}`` otherwise."""
+    if options.get("dbim_lambda") is None or "subject_word" in options:
+        return {}
+    if len(item.scene.placements) == 1:
+        return {"subject_word": GENERIC_NOUN}
+    aux = options.get("aux_noun")
+    return {"subject_word": f"{GENERIC_NOUN}s", **({} if aux is None else {"aux_noun": f"{aux}s"})}
+
+
 def generate(engine: DynaIPEngine, items: Sequence[Item], options: dict[str, Any], batch: int, steps: int | None,
              desc: str, progress: bool = True) -> list[np.ndarray]:
     """One image (``uint8 [H, W, 3]``) per item, ``batch`` requests per engine call."""
     kw = request_options(options)
     requests = [GenerationRequest(it.prompt, [Image.fromarray(r) for r in it.references], seed=it.seed, steps=steps,
-                                  **kw) for it in items]
+                                  **{**kw, **dbim_words(it, options)}) for it in items]
     batch = max(1, min(batch, engine.max_batch or batch))
     images: list[np.ndarray] = []
     for i in progress_bar(range(0, len(requests), batch), desc, progress, total=math.ceil(len(requests) / batch)):

@@ -11,9 +11,10 @@ import numpy as np
 
 from dynaip_trt.conditioning import DiTCondition, ReferenceKV
 from dynaip_trt.errors import ConfigError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest, fp8_variant, max_subjects_of
+from dynaip_trt.dbim import DBIMCondition
+from dynaip_trt.manifest import MODEL_IO, REQUIRED_MODELS, Manifest, fp8_variant, max_subjects_of
 
-from .stages import DenoiseSession
+from .stages import DBIM_MISSING, DBIMDenoiseSession, DenoiseSession
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +55,35 @@ class ExportedStages:
     def __init__(self, directory: str | Path, manifest: Manifest | None = None):
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(directory)
-        missing = sorted(set(MODEL_IO) - set(self.manifest.models))
+        missing = sorted(set(REQUIRED_MODELS) - set(self.manifest.models))
         if missing:
             raise ManifestError(f"the build folder {directory} lacks models {missing}; export all of "
-                                f"{sorted(MODEL_IO)} (python -m export.onnx)")
+                                f"{sorted(REQUIRED_MODELS)} (python -m export.onnx)")
         self.max_subjects = max_subjects_of(self.manifest)
+        self.models = tuple(n for n in MODEL_IO if n in self.manifest.models)  # the required ones, and dit_dbim if any
+
+    @property
+    def dbim_unavailable(self) -> str | None:
+        """Why DBIM requests cannot run on this build (it has no ``dit_dbim`` graph), or ``None``."""
+        return None if "dit_dbim" in self.models else DBIM_MISSING
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One execution of ``model`` on ``feeds`` (every input of ``MODEL_IO[model]``) -> every output by name,
         float32 numpy arrays owned by the caller."""
         raise NotImplementedError
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition) -> DenoiseSession:
+    def denoise_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None,
+                        dbim: DBIMCondition | None = None) -> DenoiseSession:
+        """See :meth:`runtime.stages.Stages.denoise_session`: a :class:`DBIMDenoiseSession` over two of
+        :meth:`open_session`'s sessions with ``dbim``, else one session of the ``dit`` graph."""
+        if dbim is not None:
+            return DBIMDenoiseSession(noise, cond, dbim, lambda x, c, model, extra: self.open_session(x, c, None,
+                                                                                                     model, extra))
+        return self.open_session(noise, cond, true_cfg)
+
+    def open_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None,
+                     model: str = "dit", extra: dict[str, np.ndarray] | None = None) -> DenoiseSession:
+        """A denoising loop on one DiT graph: ``model`` (``dit``, or ``dit_dbim`` with its ``extra`` inputs)."""
         raise NotImplementedError
 
     def clip_levels(self, pixels: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
     python -m runtime.generate --prompt "two friends on a beach" --ref examples/subject_a.png \\
         --ref examples/subject_b.png --view examples/subject_b_side.png --out out.png [--engine-dir build/tiny]
+    python -m runtime.generate --prompt "a toy on a beach" --ref examples/subject_a.png --out out.png \\
+        --dbim-lambda 1 --subject-word toy [--aux-noun object] [--dbim-steps 0.15]      # DCI's DBIM
 
 ``--ref`` starts a subject, ``--view`` adds another view of the last one. With ``--engine-dir`` the ONNX Runtime
 (default) or TensorRT backend runs the build; without it the torch backend runs the embedded default (``--config``)
@@ -19,10 +21,12 @@ import sys
 from dynaip_trt.cli import add_source_args, check_source_args, check_writable_file, cli_main, configure_logging, \
     image_format, save_image, written_image
 from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig, get_config
+from dynaip_trt.dbim import DBIM_MAPS, DEFAULT_AUX_NOUNS, DEFAULT_DBIM_STEPS, MAX_DBIM_LAMBDA
 from dynaip_trt.errors import ConfigError, InputError
 from dynaip_trt.images import load_image
 from dynaip_trt.manifest import Manifest
 from dynaip_trt.request import MAX_SCALE, MAX_SEED, MAX_SIDE, MAX_TRUE_CFG
+from dynaip_trt.text import word_spans
 
 logger = logging.getLogger("runtime.generate")
 
@@ -75,6 +79,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt of true CFG (\"\" for an empty one)")
     p.add_argument("--true-cfg-scale", type=float, default=1.0, metavar="S",
                    help="true CFG scale in [1, 100] (default 1: off); above 1 needs --negative-prompt")
+    p.add_argument("--dbim-lambda", type=float, metavar="L",
+                   help="DCI's dual-branch integration (DBIM): the auxiliary branch's weight in [-50, 50] (the paper "
+                   "uses -2..2; larger follows the prompt more); needs --subject-word and a build with DBIM's graph")
+    p.add_argument("--dbim-steps", type=float, metavar="F", help="fraction of the steps that mix, in (0, 1] "
+                   f"(default {DEFAULT_DBIM_STEPS:g})")
+    p.add_argument("--subject-word", metavar="WORD", help="the word or phrase of --prompt that names the subject "
+                   "(DBIM's auxiliary prompt replaces it by --aux-noun)")
+    p.add_argument("--aux-noun", metavar="NOUN", help="the auxiliary prompt's common noun (default: the first of "
+                   f"{', '.join(DEFAULT_AUX_NOUNS)} the model knows)")
+    p.add_argument("--dbim-map", choices=DBIM_MAPS, help="DBIM's concept map: the subject word's tokens (text, "
+                   "default), the reference tokens, or both")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if not args.subjects:
@@ -106,6 +121,7 @@ def check_numbers(args: argparse.Namespace, cfg: DynaIPConfig | None) -> None:
                          f"(1: off)")
     if args.true_cfg_scale > 1 and args.negative_prompt is None:
         raise InputError("--true-cfg-scale above 1 needs --negative-prompt (\"\" for an empty one)")
+    check_dbim_flags(args)
     if args.threads < 0:
         raise InputError(f"--threads {args.threads} must be >= 0")
     if args.steps is not None and not 1 <= args.steps <= 1000:
@@ -122,6 +138,31 @@ def check_numbers(args: argparse.Namespace, cfg: DynaIPConfig | None) -> None:
     if levels is not None and len(levels) != cfg.adapter.num_levels:
         raise InputError(f"--granularity has {len(levels)} values; this model has {cfg.adapter.num_levels} levels "
                          f"(e.g. {','.join(['1'] * cfg.adapter.num_levels)})")
+
+
+def check_dbim_flags(args: argparse.Namespace) -> None:
+    """DBIM's flags in CLI terms (what needs no tokenizer: the token masks are checked with the request)."""
+    dbim_flags = {"--dbim-steps": args.dbim_steps, "--subject-word": args.subject_word, "--aux-noun": args.aux_noun,
+                  "--dbim-map": args.dbim_map}
+    if args.dbim_lambda is None:
+        given = [f for f, v in dbim_flags.items() if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to DBIM: give --dbim-lambda too (e.g. 0)")
+        return
+    if not math.isfinite(args.dbim_lambda) or abs(args.dbim_lambda) > MAX_DBIM_LAMBDA:
+        raise InputError(f"--dbim-lambda {args.dbim_lambda:g} must be a finite number in [-{MAX_DBIM_LAMBDA:g}, "
+                         f"{MAX_DBIM_LAMBDA:g}] (the paper uses -2..2)")
+    if args.dbim_steps is not None and not (math.isfinite(args.dbim_steps) and 0 < args.dbim_steps <= 1):
+        raise InputError(f"--dbim-steps {args.dbim_steps:g} must be a fraction of the steps in (0, 1]")
+    if args.true_cfg_scale > 1:
+        raise InputError("--dbim-lambda cannot be combined with --true-cfg-scale above 1")
+    if not args.subject_word or not args.subject_word.strip():
+        raise InputError("--dbim-lambda needs --subject-word: the word of --prompt that names the subject")
+    if not word_spans(args.prompt, args.subject_word):
+        raise InputError(f"--subject-word {args.subject_word!r} does not occur in --prompt as a whole word")
+    if args.aux_noun is not None and (not args.aux_noun.strip()
+                                      or args.aux_noun.strip().lower() == args.subject_word.strip().lower()):
+        raise InputError(f"--aux-noun {args.aux_noun!r} must be a common noun other than --subject-word")
 
 
 def check_build(args: argparse.Namespace) -> Manifest:
@@ -143,6 +184,15 @@ def check_build(args: argparse.Namespace) -> Manifest:
             raise ConfigError(f"{label} has no TensorRT engines: build them with python -m export.build "
                               f"--engine-dir {args.engine_dir} --skip-export on a GPU machine, or leave out "
                               f"--backend to use ONNX Runtime")
+    if args.dbim_lambda is not None:
+        dbim = manifest.models.get("dit_dbim")
+        if dbim is None:
+            raise ConfigError(f"--dbim-lambda: {label} has no DBIM graph (dit_dbim): export it with python -m "
+                              f"export.onnx --engine-dir {args.engine_dir} --dbim (TensorRT: python -m export.build "
+                              f"--dbim), or leave out --dbim-lambda")
+        if backend == "tensorrt" and not dbim.engine:
+            raise ConfigError(f"--dbim-lambda: {label} has no TensorRT engine of the DBIM graph (dit_dbim): build it "
+                              f"with python -m export.build --engine-dir {args.engine_dir} --skip-export")
     return manifest
 
 
@@ -187,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     images = engine.generate(args.prompt, subjects, scales=scales, granularity=parse_granularity(args.granularity),
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
                              seed=args.seed, truncate_prompt=not args.no_truncate,
-                             negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale, progress=True)
+                             negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
+                             dbim_lambda=args.dbim_lambda, dbim_steps=args.dbim_steps, subject_word=args.subject_word,
+                             aux_noun=args.aux_noun, dbim_map=args.dbim_map, progress=True)
     save_image(images[0], out)
     logger.info("wrote %s (%s backend)", out, engine.backend)
     return 0

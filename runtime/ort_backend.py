@@ -3,7 +3,8 @@
 The denoising loop uses IOBinding: the constant DiT inputs are bound once as OrtValues on the session's device (CPU,
 or CUDA with onnxruntime-gpu), the latents ping-pong between two device buffers, and only ``timestep`` and
 ``timestep_next`` are written per step. With true CFG the graph's ``velocity`` comes back to the host every step for
-the guided Euler step, and the new latents go back in. Other models run once per request through plain ``run`` calls on numpy
+the guided Euler step, and the new latents go back in. DBIM's mixing steps run the ``dit_dbim`` session the same way
+(:class:`~runtime.stages.DBIMDenoiseSession`). Other models run once per request through plain ``run`` calls on numpy
 arrays. onnxruntime is imported lazily: the rest of the runtime works without it. No torch.
 """
 
@@ -70,7 +71,7 @@ class OrtStages(ExportedStages):
         ort = import_onnxruntime()
         super().__init__(directory, manifest)
         self.ort = ort
-        self.manifest.verify(directory, list(MODEL_IO))
+        self.manifest.verify(directory, list(self.models))
         available = ort.get_available_providers()
         self.providers = list(providers) if providers is not None else providers_for(device, available)
         names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
@@ -124,25 +125,26 @@ class OrtStages(ExportedStages):
         outputs = self.sessions[model].run(list(MODEL_IO[model][1]), arrays)
         return {n: np.asarray(o, dtype=np.float32) for n, o in zip(MODEL_IO[model][1], outputs)}
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None
-                        ) -> "OrtDenoiseSession":
-        return OrtDenoiseSession(self, noise, cond, true_cfg)
+    def open_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None,
+                     model: str = "dit", extra: dict[str, np.ndarray] | None = None) -> "OrtDenoiseSession":
+        return OrtDenoiseSession(self, noise, cond, true_cfg, model, extra)
 
 
 class OrtDenoiseSession:
-    """A denoising loop on the DiT session with IOBinding (see the module docstring); ``true_cfg``: see
-    :meth:`runtime.stages.Stages.denoise_session`."""
+    """A denoising loop on a DiT session with IOBinding (see the module docstring); ``true_cfg``: see
+    :meth:`runtime.stages.Stages.denoise_session`; ``model``: ``dit``, or ``dit_dbim`` with its ``extra`` inputs."""
 
-    def __init__(self, stages: OrtStages, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None):
+    def __init__(self, stages: OrtStages, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None,
+                 model: str = "dit", extra: dict[str, np.ndarray] | None = None):
         ort, dev, idx = stages.ort, stages.device_type, stages.device_id
-        self.session = stages.sessions["dit"]
+        self.session = stages.sessions[model]
         self.true_cfg = None if true_cfg is None else np.asarray(true_cfg, np.float32)[:, None, None]
         self.x = None if true_cfg is None else np.array(noise, dtype=np.float32)  # the guided latents [B, N, C]
         latents = noise if true_cfg is None else np.concatenate([noise, noise])
         batch = latents.shape[0]
         # two buffers: on the CPU an OrtValue shares its numpy array, and each is rewritten every step
-        feeds = dit_feeds(latents, np.zeros(batch, np.float32), np.zeros(batch, np.float32), cond)
-        self.values = {n: ort.OrtValue.ortvalue_from_numpy(stages.cast("dit", n, a), dev, idx)
+        feeds = {**dit_feeds(latents, np.zeros(batch, np.float32), np.zeros(batch, np.float32), cond), **(extra or {})}
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(stages.cast(model, n, a), dev, idx)
                        for n, a in feeds.items()}
         self.current = self.values.pop("latents")
         self.next = ort.OrtValue.ortvalue_from_shape_and_type(list(latents.shape), np.float32, dev, idx)

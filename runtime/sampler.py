@@ -4,7 +4,8 @@ loop itself runs on the backend's device inside a :class:`~runtime.stages.Denois
 Per request: validation (:func:`dynaip_trt.request.validate_request`), reference encoding (CLIP + fusion, cached per
 subject), prompt encoding (cached per prompt), seeded numpy noise per row, FLUX's shifted schedule, the denoising
 loop, and decoding. Rows of a batch may have different prompts, references, scales, masks, guidance and seeds; they
-share :func:`~dynaip_trt.request.batch_key`.
+share :func:`~dynaip_trt.request.batch_key`. With DBIM the DiT also runs each row's auxiliary row (its auxiliary
+prompt, adapter scale 0, the row's noise) during the mixing steps.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from PIL import Image
 from dynaip_trt.cli import progress as progress_bar
 from dynaip_trt.conditioning import DiTCondition, ReferenceKV
 from dynaip_trt.configs import DynaIPConfig
+from dynaip_trt.dbim import dbim_condition
 from dynaip_trt.errors import InputError
 from dynaip_trt.images import image_hash, latents_to_pil, preprocess_clip
-from dynaip_trt.request import GenerationRequest, ValidRequest, check_batch, negative_rows, normalize_granularity, \
-    normalize_references, validate_request
+from dynaip_trt.request import GenerationRequest, ValidRequest, auxiliary_rows, check_batch, negative_rows, \
+    normalize_granularity, normalize_references, validate_request
 from dynaip_trt.sampling import flux_sigmas, image_token_count, initial_noise, latent_image_ids, text_ids, \
     unpack_latents
 from dynaip_trt.text import Tokenizer
@@ -62,6 +64,8 @@ class Sampler:
                                prompt_field)
         if row.uses_text_branch and not self.stages.supports_text_branch:
             raise InputError(TEXT_BRANCH_MESSAGE)
+        if row.dbim is not None and self.stages.dbim_unavailable:
+            raise InputError(self.stages.dbim_unavailable)
         return row
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +147,9 @@ class Sampler:
             cond = self.condition([*rows, *negative_rows(rows)])
             session = self.stages.denoise_session(noise, cond, np.asarray([r.true_cfg_scale for r in rows],
                                                                           np.float32))
+        elif r0.dbim is not None:  # the mixing steps run the rows, then their auxiliary rows
+            cond = self.condition([*rows, *auxiliary_rows(rows)])
+            session = self.stages.denoise_session(noise, cond, dbim=dbim_condition([r.dbim for r in rows]))
         else:
             cond = self.condition(rows)
             session = self.stages.denoise_session(noise, cond)

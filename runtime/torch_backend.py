@@ -2,11 +2,13 @@
 are exported from) on the models' device, and CUDA graphs of the denoising step on a GPU (one graph per bucket of
 input shapes, see :mod:`runtime.cuda_graphs`). The only runtime module that imports torch and the model code.
 
-Text-branch steps (DDS schedules) run the full model eagerly; every other step is the flat DiT step.
+Text-branch steps (DDS schedules) run the full model eagerly; every other step is the flat DiT step (DBIM's mixing
+steps: the flat DBIM step, with its own CUDA graphs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable
@@ -17,14 +19,16 @@ import torch
 from dynaip_trt.attention import ReferenceInputs
 from dynaip_trt.conditioning import DiTCondition, ReferenceKV, dit_feeds
 from dynaip_trt.configs import DEFAULT_CONFIG
+from dynaip_trt.dbim import DBIMCondition
 from dynaip_trt.errors import BackendUnavailableError
 from dynaip_trt.fp8 import quantize_fp8
 from dynaip_trt.models import DynaIPModels, dit_forward
 from dynaip_trt.sampling import euler_step, image_token_count, latent_image_ids, text_ids, true_cfg_velocity
-from dynaip_trt.stage_modules import ClipLevels, DiTStep, FusionKV, TextEncoders, VaeDecode
-from dynaip_trt.weights import load_family
+from dynaip_trt.stage_modules import ClipLevels, DiTDBIMStep, DiTStep, FusionKV, TextEncoders, VaeDecode
+from dynaip_trt.weights import load_adapter, load_family, read_adapter_config
 
 from .cuda_graphs import CapturedGraph, GraphCache, capture_graph, ensure_free_memory, shape_key, tensor_bytes
+from .stages import DBIMDenoiseSession
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,17 @@ def model_bytes(models: DynaIPModels, dtype: torch.dtype | None = None) -> int:
         for t in [*m.parameters(), *m.buffers()]:
             total += tensor_bytes(t.shape, dtype if dtype is not None and t.is_floating_point() else t.dtype)
     return total
+
+
+def with_adapter_file(models: DynaIPModels, path: str | Path) -> DynaIPModels:
+    """``models`` with the adapter weights of ``path`` loaded (in place) and attending in the mode the file's header
+    records (an adapter trained with the attention constraint attends in ``concat`` mode)."""
+    mode = read_adapter_config(path).attention_mode
+    cfg = models.config
+    models = dataclasses.replace(models, config=dataclasses.replace(cfg, adapter=dataclasses.replace(
+        cfg.adapter, attention_mode=mode)))
+    load_adapter(path, models.adapter)
+    return models
 
 
 def load_models_on(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -70,6 +85,7 @@ class TorchStages:
 
     backend = "torch"
     supports_text_branch = True
+    dbim_unavailable = None  # the torch backend runs DBIM's mixing steps with the same model code
 
     def __init__(self, models: DynaIPModels, cuda_graphs: bool = True, fp8: bool = False, max_graphs: int = 8):
         cfg = models.config
@@ -86,6 +102,7 @@ class TorchStages:
         self.fusion = FusionKV(models.adapter, self.dtype)
         self.text = TextEncoders(models.clip_text, models.t5, self.dtype)
         self.dit = DiTStep(self.transformer, self.mode, self.dtype)
+        self.dbim_dit = DiTDBIMStep(self.dit.transformer, self.mode, self.dtype)  # DBIM's mixing steps
         self.vae = VaeDecode(models.vae, self.dtype)
         self.graphs = GraphCache(max_graphs) if cuda_graphs and self.device.type == "cuda" else None
         if fp8:
@@ -118,8 +135,11 @@ class TorchStages:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self.vae(self.tensor(latents)).cpu().numpy()
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None
-                        ) -> "TorchDenoiseSession":
+    def denoise_session(self, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None,
+                        dbim: DBIMCondition | None = None) -> "TorchDenoiseSession | DBIMDenoiseSession":
+        if dbim is not None:
+            return DBIMDenoiseSession(noise, cond, dbim, lambda x, c, model, extra: TorchDenoiseSession(
+                self, x, c, None, model, extra))
         return TorchDenoiseSession(self, noise, cond, true_cfg)
 
     @torch.no_grad()
@@ -144,11 +164,15 @@ class TorchStages:
         base = timer(lambda: (dit_forward(self.transformer, *args, None), sync()))
         return base, timer(lambda: (dit_forward(self.transformer, *args, ref), sync()))
 
-    def captured(self, feeds: dict[str, torch.Tensor], output: int = 1) -> CapturedGraph:
-        """The CUDA graph of one step for the bucket of ``feeds`` (captured on first use): its static inputs are
-        ``feeds``' names, its output the DiT step's output number ``output`` (1: ``latents_next``, 0: ``velocity``
-        for true CFG)."""
-        key = (shape_key(feeds), output)
+    def dit_module(self, model: str):
+        """The flat DiT step of graph ``model``: ``dit`` (:class:`DiTStep`) or ``dit_dbim`` (:class:`DiTDBIMStep`)."""
+        return self.dit if model == "dit" else self.dbim_dit
+
+    def captured(self, feeds: dict[str, torch.Tensor], output: int = 1, model: str = "dit") -> CapturedGraph:
+        """The CUDA graph of one step of DiT module ``model`` (``dit`` or ``dit_dbim``) for the bucket of ``feeds``
+        (captured on first use): its static inputs are ``feeds``' names, its output the DiT step's output number
+        ``output`` (1: ``latents_next``, 0: ``velocity`` for true CFG)."""
+        key = (model, shape_key(feeds), output)
         graph = self.graphs.get(key)
         if graph is None:
             static = {k: v.clone() for k, v in feeds.items()}
@@ -157,7 +181,7 @@ class TorchStages:
             act = ACTIVATION_FACTOR * b * (n + static["text_embeds"].shape[1]) * width * self.dtype.itemsize
             needed = act + sum(t.numel() * t.element_size() for t in static.values())
             ensure_free_memory(self.device, needed, f"capturing the DiT step for batch {b}, {n} image tokens")
-            graph = capture_graph(static, lambda: self.dit(**static)[output])
+            graph = capture_graph(static, lambda: self.dit_module(model)(**static)[output])
             self.graphs.put(key, graph)
             logger.info("captured the DiT step for bucket %s (%d bucket(s) cached)", key, len(self.graphs))
         return graph
@@ -169,16 +193,19 @@ class TorchDenoiseSession:
     :meth:`runtime.stages.Stages.denoise_session`) the step's ``velocity`` of the ``2B`` rows gives the guided Euler
     step of the ``B`` latents, on the device."""
 
-    def __init__(self, stages: TorchStages, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None):
+    def __init__(self, stages: TorchStages, noise: np.ndarray, cond: DiTCondition, true_cfg: np.ndarray | None = None,
+                 model: str = "dit", extra: dict[str, np.ndarray] | None = None):
         self.stages = stages
         self.cond = cond
+        self.module = stages.dit_module(model)
         self.true_cfg = None if true_cfg is None else stages.tensor(np.asarray(true_cfg, np.float32)[:, None, None])
         self.x = None if true_cfg is None else stages.tensor(noise).float()  # the guided latents [B, N, C]
         latents = noise if true_cfg is None else np.concatenate([noise, noise])
         t = np.zeros(latents.shape[0], dtype=np.float32)
-        self.feeds = {k: stages.tensor(v) for k, v in dit_feeds(latents, t, t, cond).items()}  # copies: two buffers
+        feeds = {**dit_feeds(latents, t, t, cond), **(extra or {})}
+        self.feeds = {k: stages.tensor(v) for k, v in feeds.items()}  # copies: two buffers
         self.output = 1 if true_cfg is None else 0  # latents_next, or the velocity of the guided step
-        self.graph = None if stages.graphs is None else stages.captured(self.feeds, self.output)
+        self.graph = None if stages.graphs is None else stages.captured(self.feeds, self.output, model)
         if self.graph is not None:
             for name, value in self.feeds.items():
                 self.graph.inputs[name].copy_(value)
@@ -195,7 +222,7 @@ class TorchDenoiseSession:
             self.graph.graph.replay()
             out = self.graph.output
         else:
-            out = self.stages.dit(**inputs)[self.output]
+            out = self.module(**inputs)[self.output]
         if self.true_cfg is not None:
             t, t_next = (torch.tensor(np.float32(v), device=self.stages.device) for v in (timestep, timestep_next))
             self.x = euler_step(self.x, true_cfg_velocity(out, self.true_cfg), t, t_next)

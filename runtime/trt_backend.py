@@ -12,7 +12,9 @@ cuda-python (:mod:`runtime.cuda`); no torch.
   ``max_graphs``, one execution context each) that captured ``execute_async_v3`` plus the device-to-device copy
   ``latents_next -> latents`` (the DiT graph contains the Euler step). With true CFG the DiT runs the ``2B`` rows
   (the rows, then their negative rows) and its ``velocity`` comes back each step for the guided Euler step on the
-  host (as the ONNX Runtime backend does); the graph then captures the enqueue alone.
+  host (as the ONNX Runtime backend does); the graph then captures the enqueue alone. DBIM's mixing steps run the
+  ``dit_dbim`` engine (built with ``python -m export.build --dbim``) with its own buckets and CUDA graphs, then the
+  plain DiT's (:class:`~runtime.stages.DBIMDenoiseSession`).
 
 Capture follows the known-good recipe: one uncaptured enqueue first (TensorRT's lazy initialization must not happen
 under capture), ``execute_async_v3``'s result checked under capture, engines deserialized and contexts created and
@@ -345,24 +347,26 @@ class TrtStages(ExportedStages):
                                           f"which runs engines built with python -m export.build "
                                           f"--version-compatible; install the full tensorrt or rebuild")
         check_engine_sources(m, directory)
-        for name in MODEL_IO:
+        # an exported dit_dbim graph without an engine (exported after the build) only leaves DBIM out
+        self.models = tuple(n for n in self.models if n != "dit_dbim" or m.models[n].engine)
+        for name in self.models:
             entry = m.models[name]
             if not entry.engine:
                 raise ManifestError(f"{directory}: model {name} has no TensorRT engine; run python -m export.build")
             if entry.engine not in entry.files:
                 raise ManifestError(f"{directory}: engine {entry.engine} has no hash in the manifest; rebuild it")
-        m.verify(directory, list(MODEL_IO))
+        m.verify(directory, list(self.models))
         self.trt, self.gpu, self.device = trt, gpu, device
         self.cuda_graphs, self.max_graphs = cuda_graphs, max_graphs
         self._dit_buckets: OrderedDict[tuple, DitBucket] = OrderedDict()
-        self._staging: dict[int, StagingRing] = {}
+        self._staging: dict[tuple[str, int], StagingRing] = {}
         with cuda.device_scope(device):
             self.stream = cuda.Stream()
             runtime = trt.Runtime(tensorrt_logger(trt))
             if version_compatible:  # such plans embed their lean runtime; the manifest's hashes vouch for them
                 runtime.engine_host_code_allowed = True
             self.engines = {name: TrtEngine(trt, runtime, safe_join(directory, m.models[name].engine), name,
-                                            m.models[name].profile) for name in MODEL_IO}
+                                            m.models[name].profile) for name in self.models}
         logger.info("tensorrt %s: loaded %s from %s on %s (device %d, CUDA graphs %s)", trt.__version__,
                     sorted(self.engines), directory, gpu.name, device, "on" if cuda_graphs else "off")
 
@@ -371,19 +375,30 @@ class TrtStages(ExportedStages):
         with cuda.device_scope(self.device):
             return self.engines[model].run(feeds, self.stream)
 
-    def denoise_session(self, noise: np.ndarray, cond: DiTCondition[np.ndarray], true_cfg: np.ndarray | None = None
-                        ) -> TrtDenoiseSession:
-        """A denoising loop from packed ``noise`` ``[B, N, 64]`` under ``cond``, resident on the device; ``true_cfg``:
-        per-row true-CFG scales ``[B]`` with ``cond`` of ``2B`` rows (:meth:`runtime.stages.Stages.denoise_session`)."""
-        return TrtDenoiseSession(self, noise, cond, true_cfg)
+    @property
+    def dbim_unavailable(self) -> str | None:
+        """Why DBIM requests cannot run here: no ``dit_dbim`` graph, or one without an engine; ``None`` otherwise."""
+        if "dit_dbim" in self.models:
+            return None
+        if "dit_dbim" in self.manifest.models:
+            return ("this build's DBIM graph (dit_dbim) has no TensorRT engine: build it with python -m export.build "
+                    "--skip-export, or leave out dbim_lambda")
+        return super().dbim_unavailable
 
-    def dit_bucket(self, shapes: dict[str, tuple[int, ...]], guided: bool = False) -> DitBucket:
-        """The :class:`DitBucket` of these DiT input shapes and step kind (``guided``: true CFG, the graph holds the
-        enqueue alone), created, and the oldest released, as needed."""
-        key = (shape_key(shapes), guided)
+    def open_session(self, noise: np.ndarray, cond: DiTCondition[np.ndarray], true_cfg: np.ndarray | None = None,
+                     model: str = "dit", extra: dict[str, np.ndarray] | None = None) -> TrtDenoiseSession:
+        """A denoising loop from packed ``noise`` ``[B, N, 64]`` under ``cond``, resident on the device; ``true_cfg``:
+        per-row true-CFG scales ``[B]`` with ``cond`` of ``2B`` rows (:meth:`runtime.stages.Stages.denoise_session`);
+        ``model``: ``dit``, or ``dit_dbim`` with its ``extra`` inputs."""
+        return TrtDenoiseSession(self, noise, cond, true_cfg, model, extra)
+
+    def dit_bucket(self, shapes: dict[str, tuple[int, ...]], guided: bool = False, model: str = "dit") -> DitBucket:
+        """The :class:`DitBucket` of these input shapes of DiT graph ``model`` and step kind (``guided``: true CFG,
+        the graph holds the enqueue alone), created, and the oldest released, as needed."""
+        key = (model, shape_key(shapes), guided)
         bucket = self._dit_buckets.get(key)
         if bucket is None:
-            engine = self.engines["dit"]
+            engine = self.engines[model]
             context = engine.new_context() if self.cuda_graphs else engine.shared_context()
             bucket = self._dit_buckets[key] = DitBucket(engine.bind(context, shapes))
             if len(self._dit_buckets) > self.max_graphs:
@@ -391,21 +406,22 @@ class TrtStages(ExportedStages):
                 old.close()
                 logger.info("released the DiT bucket %s (more than %d buckets)", old_key, self.max_graphs)
         elif not self.cuda_graphs:
-            self.engines["dit"].rebind(bucket.binding)  # the shared context may have been set to other shapes
+            self.engines[model].rebind(bucket.binding)  # the shared context may have been set to other shapes
         self._dit_buckets.move_to_end(key)
         return bucket
 
-    def staging(self, batch: int) -> StagingRing:
-        """The timestep staging ring of batch size ``batch`` (created on first use)."""
-        if batch not in self._staging:
-            dit = self.engines["dit"]
-            self._staging[batch] = StagingRing.create(batch, {n: dit.kinds[n] for n in DIT_TIMESTEPS})
-        return self._staging[batch]
+    def staging(self, batch: int, model: str = "dit") -> StagingRing:
+        """The timestep staging ring of batch size ``batch`` for DiT graph ``model`` (created on first use)."""
+        if (model, batch) not in self._staging:
+            dit = self.engines[model]
+            self._staging[model, batch] = StagingRing.create(batch, {n: dit.kinds[n] for n in DIT_TIMESTEPS})
+        return self._staging[model, batch]
 
-    def capture(self, bucket: DitBucket, guided: bool = False) -> None:
-        """Capture one denoising step of ``bucket`` (``execute_async_v3``, then ``latents_next -> latents`` unless
-        ``guided``) after one uncaptured enqueue. The bucket's inputs must be loaded; its latents are not changed."""
-        engine, binding = self.engines["dit"], bucket.binding
+    def capture(self, bucket: DitBucket, guided: bool = False, model: str = "dit") -> None:
+        """Capture one denoising step of ``bucket`` of DiT graph ``model`` (``execute_async_v3``, then ``latents_next
+        -> latents`` unless ``guided``) after one uncaptured enqueue. The bucket's inputs must be loaded; its latents
+        are not changed."""
+        engine, binding = self.engines[model], bucket.binding
         engine.enqueue(binding, self.stream)  # lazy initialization happens here, not under capture
 
         def record() -> None:
@@ -442,13 +458,14 @@ class TrtDenoiseSession:
     """
 
     def __init__(self, stages: TrtStages, noise: np.ndarray, cond: DiTCondition[np.ndarray],
-                 true_cfg: np.ndarray | None = None) -> None:
-        io = set(MODEL_IO["dit"][0]) | set(MODEL_IO["dit"][1])
+                 true_cfg: np.ndarray | None = None, model: str = "dit", extra: dict[str, np.ndarray] | None = None
+                 ) -> None:
+        io = set(MODEL_IO[model][0]) | set(MODEL_IO[model][1])
         absent = [n for n in (DIT_LATENTS, DIT_LATENTS_NEXT, DIT_VELOCITY, *DIT_TIMESTEPS) if n not in io]
         if absent:
             raise ManifestError(f"the DiT graph of this build has no {absent}: a device-resident denoising loop needs "
                                 f"the Euler step inside the graph; re-export and rebuild the engines")
-        self.stages, self.engine = stages, stages.engines["dit"]
+        self.stages, self.engine = stages, stages.engines[model]
         noise = np.asarray(noise, np.float32)
         guided = true_cfg is not None
         self.scales = np.asarray(true_cfg, np.float32)[:, None, None] if guided else None  # [B, 1, 1]
@@ -457,14 +474,14 @@ class TrtDenoiseSession:
         self.output = DIT_VELOCITY if guided else DIT_LATENTS_NEXT  # what a step's graph must write
         self.batch = int(latents.shape[0])  # rows the DiT runs
         placeholder = np.zeros(self.batch, np.float32)
-        feeds = dit_feeds(latents, placeholder, placeholder, cond)
+        feeds = {**dit_feeds(latents, placeholder, placeholder, cond), **(extra or {})}
         with cuda.device_scope(stages.device):
             stages.stream.synchronize()  # the staging of the previous session is free again
-            self.bucket = stages.dit_bucket({n: tuple(np.shape(feeds[n])) for n in self.engine.inputs}, guided)
+            self.bucket = stages.dit_bucket({n: tuple(np.shape(feeds[n])) for n in self.engine.inputs}, guided, model)
             self.engine.load(self.bucket.binding, feeds, stages.stream)
             if stages.cuda_graphs and self.bucket.graph is None:
-                stages.capture(self.bucket, guided)
-            self.ring = stages.staging(self.batch)
+                stages.capture(self.bucket, guided, model)
+            self.ring = stages.staging(self.batch, model)
 
     def _binding(self) -> Binding:
         if self.bucket.closed:

@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynaip_trt", "export", "calibration", "runtime")
 CONTRACT = {f"dynaip_trt.{m}" for m in ("errors", "configs", "files", "manifest", "images", "request", "sampling",
-                                         "text", "metrics", "conditioning", "cli", "tensorrt_api",
+                                         "text", "metrics", "conditioning", "cli", "tensorrt_api", "dbim",
                                          "demo", "demo.world", "demo.verdicts")} | {"dynaip_trt"}
 CONTRACT_THIRD_PARTY = {"numpy", "PIL", "tqdm", "tokenizers", "cuda"}
 HEAVY = {"torch", "diffusers", "transformers", "safetensors", "onnx", "onnxscript", "polygraphy", "modelopt"}

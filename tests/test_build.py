@@ -14,7 +14,7 @@ import pytest
 
 from dynaip_trt.configs import DEFAULT_CONFIG
 from dynaip_trt.errors import BackendUnavailableError, ConfigError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, PLAN_FILE, Manifest
+from dynaip_trt.manifest import PLAN_FILE, REQUIRED_MODELS, Manifest
 from export import build
 from export.engines import EngineBuilder, graph_precision, plan_engines, record_engines, required_variants
 from export.envelope import Envelope
@@ -37,7 +37,7 @@ def test_literal_command_exports_checks_and_builds_or_exits_3(literal_build):
     rc, out, messages = literal_build
     m = Manifest.load(out)
     m.verify(out)
-    assert set(m.models) == set(MODEL_IO)
+    assert set(m.models) == set(REQUIRED_MODELS)
     for name, entry in m.models.items():
         assert set(entry.variants) == ({"fp16"} if graph_precision(name, "fp16") == "fp16" else set())
     plan = json.loads((out / PLAN_FILE).read_text())
@@ -47,7 +47,7 @@ def test_literal_command_exports_checks_and_builds_or_exits_3(literal_build):
     reason = build.engine_step_unavailable("fp16")
     if reason is None:
         assert rc == 0 and m.tensorrt["precision"] == "fp16"
-        assert sorted(f.name for f in out.glob("*.engine")) == sorted(f"{n}.fp16.engine" for n in MODEL_IO)
+        assert sorted(f.name for f in out.glob("*.engine")) == sorted(f"{n}.fp16.engine" for n in REQUIRED_MODELS)
         return
     assert rc == build.EXIT_NEEDS_TENSORRT == 3
     error = [msg for msg in messages if "cannot run here" in msg]
@@ -61,7 +61,7 @@ def test_plan_is_plain_data_with_profiles_covering_the_envelope(tiny_build, tiny
     env = Envelope(batch=(1, 1, 3), subjects=(1, 2, 4), resolutions=((64, 64), (48, 80)))
     plans = {p.model: p for p in plan_engines(m, tiny_build, "fp16", env, optimization_level=4,
                                               workspace_bytes=2**30)}
-    assert set(plans) == set(MODEL_IO)
+    assert set(plans) == set(REQUIRED_MODELS)
     for p in plans.values():
         assert p.strongly_typed and p.optimization_level == 4 and p.workspace_bytes == 2**30
         assert p.onnx_sha256 == m.models[p.model].files[p.onnx] and p.engine == f"{p.model}.fp16.engine"
@@ -102,7 +102,7 @@ def test_plan_errors_name_what_is_missing(tiny_build, tiny_cfg):
     assert required_variants("fp8") == {"bf16": ("clip", "fusion", "text", "vae")}
     assert required_variants("fp8", fp8_base="fp16") == {"fp16": ("clip", "fusion")}
     assert required_variants("fp16") == {"fp16": ("clip", "fusion", "dit")}
-    assert required_variants("bf16") == {"bf16": tuple(MODEL_IO)}
+    assert required_variants("bf16") == {"bf16": tuple(REQUIRED_MODELS)}
 
 
 def test_fp8_plans_build_on_a_bf16_base_and_keep_the_vae_out_of_fp16(tiny_build):
@@ -145,7 +145,7 @@ def test_engines_of_a_changed_graph_are_stale(tiny_build, tmp_path):
     m = record_engines(m, out, plans, system, "fp16")
     m = Manifest.load(out)
     m.verify(out)
-    assert m.tensorrt["precision"] == "fp16" and set(m.tensorrt["engines"]) == set(MODEL_IO)
+    assert m.tensorrt["precision"] == "fp16" and set(m.tensorrt["engines"]) == set(REQUIRED_MODELS)
     assert m.tensorrt["version_compatible"] is False
     for p in plans:
         assert m.models[p.model].engine == p.engine and m.models[p.model].profile == p.profile

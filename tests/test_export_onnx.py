@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from dynaip_trt.errors import ConfigError, ManifestError
-from dynaip_trt.manifest import MODEL_IO, Manifest
+from dynaip_trt.manifest import MODEL_IO, REQUIRED_MODELS, Manifest
 from dynaip_trt.metrics import max_abs, rel_l2
 from export.graph import check_graph, tensorrt_supported_ops
 from export.onnx import main
 from export.envelope import Envelope
-from export.specs import SPECS, get_spec
+from export.specs import get_spec
 
 # Parity tolerances vs PyTorch fp32 (ONNX Runtime CPU).
 FP32_REL_L2 = 1e-5
@@ -43,7 +43,7 @@ def torch_outputs(spec, inputs):
 def test_manifest_lists_every_model_with_hashes_and_signature(tiny_build, tiny_models):
     m = Manifest.load(tiny_build)
     m.verify(tiny_build)
-    assert set(m.models) == set(MODEL_IO) and m.opset == 18
+    assert set(m.models) == set(REQUIRED_MODELS) and m.opset == 18
     assert m.dynaip_config == tiny_models.config
     for name, entry in m.models.items():
         assert tuple(entry.inputs) == MODEL_IO[name][0] and tuple(entry.outputs) == MODEL_IO[name][1]
@@ -55,7 +55,7 @@ def test_manifest_lists_every_model_with_hashes_and_signature(tiny_build, tiny_m
     assert not [p for p in tiny_build.parent.iterdir() if p.name.startswith(".")], "staging dirs left behind"
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", REQUIRED_MODELS)  # dit_dbim: tests/test_dbim.py
 def test_dynamic_axes_stay_dynamic(tiny_build, tiny_models, name):
     spec = get_spec(name, tiny_models)
     model = onnx.load(str(tiny_build / f"{name}.onnx"), load_external_data=False)
@@ -73,7 +73,7 @@ def test_dynamic_axes_stay_dynamic(tiny_build, tiny_models, name):
         assert [o.shape for o in out] == [tuple(r.shape) for r in ref]
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", REQUIRED_MODELS)  # dit_dbim: tests/test_dbim.py
 def test_graph_is_tensorrt_ready(tiny_build, tiny_models, name):
     model = onnx.load(str(tiny_build / f"{name}.onnx"), load_external_data=False)
     report = check_graph(model, get_spec(name, tiny_models).dynamic_axes())
@@ -95,7 +95,7 @@ def test_graph_check_catches_problems(tiny_models):
     assert report.static_axes == ["x[0] (batch) = 2"]
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", REQUIRED_MODELS)  # dit_dbim: tests/test_dbim.py
 @pytest.mark.parametrize("subjects", [1, 2, 4])
 @pytest.mark.parametrize("resolution", [(64, 64), (96, 128)])
 def test_parity_fp32(tiny_build, tiny_models, name, subjects, resolution):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from dynaip_trt.manifest import MODEL_IO, Manifest, sha256_file
+from dynaip_trt.manifest import MODEL_IO, REQUIRED_MODELS, Manifest, sha256_file
 from dynaip_trt.tensorrt_api import GpuInfo
 from export.envelope import Envelope
 from export.parity import (BF16_REL_L2, FP8_REL_L2, FP16_REL_L2, FP32_REL_L2, TF32_REL_L2, TOLERANCES,
@@ -76,7 +76,7 @@ def test_cli_passes_on_the_tiny_build(tiny_build, tmp_path, caplog, capsys):
     rows = {(r["model"], r["precision"]): r for r in report["rows"] if r["backend"] == "onnxruntime"}
     graphs = {(name, p) for name, entry in Manifest.load(tiny_build).models.items() for p in entry.graphs()}
     assert set(rows) == graphs and ("dit", "fp16") in rows and all(r["result"] == "PASS" for r in rows.values())
-    for name in MODEL_IO:
+    for name in REQUIRED_MODELS:
         row = rows[(name, "fp32")]
         assert row["vs"] == "pytorch-fp32" and row["result"] == "PASS" and row["tolerance"] == FP32_REL_L2
         assert row["rel_l2"] < FP32_REL_L2 and row["cosine"] > 1 - 1e-9, row

@@ -57,7 +57,24 @@ def dit_fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"velocity": vel.astype(np.float32), "latents_next": (lat + (tn - t) * vel).astype(np.float32)}
 
 
-COMPUTE["dit_euler"] = (dit_fn, lambda s: {"velocity": s["latents"], "latents_next": s["latents"]})
+def dit_dbim_fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The synthetic DBIM DiT (the graph I/O of MODEL_IO["dit_dbim"]): the synthetic DiT's velocity, the B concept
+    rows' mixed with their B auxiliary rows' by weights depending on every DBIM input, and the Euler step."""
+    vel = dit_fn(x)["velocity"]
+    b = vel.shape[0] // 2
+    w = 1 / (1 + np.exp(-(x["dbim_lambda"][:b] * x["map_tokens"][:b].mean(axis=1) - x["prompt_tokens"][:b].mean(
+        axis=1) + x["reference_map"][:b])))[:, None, None]
+    vel = np.concatenate([(1 - w) * vel[:b] + w * vel[b:], vel[b:]])
+    t, tn = x["timestep"][:, None, None], x["timestep_next"][:, None, None]
+    return {"velocity": vel.astype(np.float32), "latents_next": (x["latents"] + (tn - t) * vel).astype(np.float32)}
+
+
+def latents_shapes(s):
+    return {"velocity": s["latents"], "latents_next": s["latents"]}
+
+
+COMPUTE["dit_euler"] = (dit_fn, latents_shapes)
+COMPUTE["dit_dbim_euler"] = (dit_dbim_fn, latents_shapes)
 
 
 @pytest.fixture(scope="session")
@@ -114,19 +131,26 @@ def build_copy(onnx_build, tmp_path) -> Path:
     return out
 
 
-def synthetic_dit(manifest, dtype: str = "FLOAT") -> tuple[bytes, dict]:
-    """A fake engine of the synthetic DiT with the profile of ``manifest``'s DiT (timestep_next like timestep,
-    block_scales [blocks] from img_k), I/O in ``dtype``; returns the engine and its profile."""
+def synthetic_dit(manifest, dtype: str = "FLOAT", model: str = "dit") -> tuple[bytes, dict]:
+    """A fake engine of the synthetic DiT (``model="dit_dbim"``: the synthetic DBIM DiT) with the profile of
+    ``manifest``'s DiT (timestep_next like timestep, block_scales [blocks] from img_k; the DBIM inputs [B, Ltxt] and
+    [B]), I/O in ``dtype``; returns the engine and its profile."""
     profile = dict(manifest.models["dit"].profile)
     profile["timestep_next"] = profile["timestep"]
     blocks = profile["img_k"]["min"][0]
     profile["block_scales"] = {k: [blocks] for k in ("min", "opt", "max")}
+    if model == "dit_dbim":
+        for name in ("prompt_tokens", "map_tokens"):
+            profile[name] = {k: v[:2] for k, v in profile["text_embeds"].items()}
+        for name in ("reference_map", "dbim_lambda"):
+            profile[name] = profile["timestep"]
     from dynaip_trt.manifest import MODEL_IO
 
-    inputs = [{"name": n, "dtype": dtype, "shape": [-1] * len(profile[n]["min"])} for n in MODEL_IO["dit"][0]]
-    outputs = [{"name": n, "dtype": dtype, "shape": [-1, -1, 64]} for n in MODEL_IO["dit"][1]]
-    return engine_bytes({"model": "dit", "inputs": inputs, "outputs": outputs, "profile": profile,
-                         "compute": {"kind": "fn", "name": "dit_euler"}}), profile
+    inputs = [{"name": n, "dtype": dtype, "shape": [-1] * len(profile[n]["min"])} for n in MODEL_IO[model][0]]
+    outputs = [{"name": n, "dtype": dtype, "shape": [-1, -1, 64]} for n in MODEL_IO[model][1]]
+    kind = "dit_euler" if model == "dit" else "dit_dbim_euler"
+    return engine_bytes({"model": model, "inputs": inputs, "outputs": outputs, "profile": profile,
+                         "compute": {"kind": "fn", "name": kind}}), profile
 
 
 def install_synthetic_dit(directory: Path, dtype: str = "FLOAT") -> None:
@@ -138,6 +162,26 @@ def install_synthetic_dit(directory: Path, dtype: str = "FLOAT") -> None:
     data, m.models["dit"].profile = synthetic_dit(m, dtype)
     engine.write_bytes(data)
     m.models["dit"].files[m.models["dit"].engine] = sha256_file(engine)
+    m.save(directory)
+
+
+def install_synthetic_dbim(directory: Path, engine: bool = True) -> None:
+    """Add DBIM's graph to a built directory: the DiT's graph files under the name ``dit_dbim`` (what a build with
+    ``--dbim`` records), with the synthetic DBIM DiT as its engine (``engine=False``: exported, never built)."""
+    import copy
+
+    from dynaip_trt.manifest import Manifest, sha256_file
+
+    m = Manifest.load(directory)
+    entry = m.models["dit_dbim"] = copy.deepcopy(m.models["dit"])
+    entry.files.pop(entry.engine)
+    entry.engine = None
+    if engine:
+        entry.engine = "dit_dbim.fp16.engine"
+        data, entry.profile = synthetic_dit(m, model="dit_dbim")
+        (directory / entry.engine).write_bytes(data)
+        entry.files[entry.engine] = sha256_file(directory / entry.engine)
+        m.tensorrt["engines"]["dit_dbim"] = dict(m.tensorrt["engines"]["dit"], engine=entry.engine)
     m.save(directory)
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, captured
 from cuda_sim import Device
 from dynaip_trt.errors import BackendUnavailableError
-from dynaip_trt.manifest import (MODEL_IO, PLAN_FILE, TIMING_CACHE, Manifest, check_engine_sources,
+from dynaip_trt.manifest import (PLAN_FILE, REQUIRED_MODELS, TIMING_CACHE, Manifest, check_engine_sources,
                                  check_tensorrt_section)
 from export import build
 from export.engines import EngineBuilder, EngineBuildError, plan_engines
@@ -45,7 +45,7 @@ def test_engine_build_calls_the_real_api(build_copy, trt_state, real_trt):
     assert section["compute_capability"] == [9, 0] and section["version_compatible"] is False
     check_tensorrt_section(section, real_trt.__version__, "NVIDIA H100 80GB HBM3", (9, 0), build_copy)
     check_engine_sources(m, build_copy)
-    assert json.loads((build_copy / "timing.cache").read_bytes().split(b"\n", 1)[1])["entries"] == len(MODEL_IO)
+    assert json.loads((build_copy / "timing.cache").read_bytes().split(b"\n", 1)[1])["entries"] == len(REQUIRED_MODELS)
     assert not [f for f in build_copy.iterdir() if f.name.startswith(".")], "staging left behind"
 
 
@@ -63,16 +63,16 @@ def test_a_failed_engine_leaves_the_previous_build(build_copy, trt_state):
 
 def test_only_engines_whose_plan_or_graph_changed_are_rebuilt(build_copy, trt_state):
     run_build(build_copy)
-    assert len(trt_state.builds) == len(MODEL_IO), "the first build builds every engine"
+    assert len(trt_state.builds) == len(REQUIRED_MODELS), "the first build builds every engine"
     with captured("export", logging.INFO) as messages:
         run_build(build_copy)
-    assert len(trt_state.builds) == len(MODEL_IO), "nothing changed: no engine is rebuilt"
+    assert len(trt_state.builds) == len(REQUIRED_MODELS), "nothing changed: no engine is rebuilt"
     assert any("are current: not rebuilt" in m for m in messages)
     Manifest.load(build_copy).verify(build_copy)
     run_build(build_copy, tf32=False)  # another plan: every engine again
-    assert len(trt_state.builds) == 2 * len(MODEL_IO)
+    assert len(trt_state.builds) == 2 * len(REQUIRED_MODELS)
     run_build(build_copy, tf32=False, force=True)
-    assert len(trt_state.builds) == 3 * len(MODEL_IO), "force rebuilds every engine"
+    assert len(trt_state.builds) == 3 * len(REQUIRED_MODELS), "force rebuilds every engine"
 
 
 def test_a_misspelled_tensorrt_attribute_fails_the_build(build_copy, trt_state, monkeypatch):
@@ -120,9 +120,9 @@ def test_verbose_reaches_the_one_tensorrt_logger(build_copy, trt_state):
             run_build(build_copy, verbose=True, force=True)
     finally:
         logging.getLogger("tensorrt").setLevel(logging.NOTSET)
-    assert len({id(lg) for lg in trt_state.loggers}) == 1 and len(trt_state.loggers) >= 2 * len(MODEL_IO) + 1
+    assert len({id(lg) for lg in trt_state.loggers}) == 1 and len(trt_state.loggers) >= 2 * len(REQUIRED_MODELS) + 1
     assert quiet == [], "TensorRT's INFO and VERBOSE messages only with --verbose"
-    assert sum("fake builder: building" in m for m in verbose) == len(MODEL_IO), verbose[:5]
+    assert sum("fake builder: building" in m for m in verbose) == len(REQUIRED_MODELS), verbose[:5]
 
 
 def test_a_timing_cache_from_another_gpu_is_replaced_not_fatal(build_copy, trt_state):
@@ -131,9 +131,9 @@ def test_a_timing_cache_from_another_gpu_is_replaced_not_fatal(build_copy, trt_s
     with captured("export.engines", logging.WARNING) as warnings:
         run_build(build_copy)
     assert any("made on another GPU or TensorRT version: starting a fresh one" in w for w in warnings)
-    assert len(list(build_copy.glob("*.engine"))) == len(MODEL_IO), "the engines are kept"
+    assert len(list(build_copy.glob("*.engine"))) == len(REQUIRED_MODELS), "the engines are kept"
     cache = json.loads((build_copy / "timing.cache").read_bytes().split(b"\n", 1)[1])
-    assert cache == {"device": "NVIDIA H100 80GB HBM3", "entries": len(MODEL_IO)}
+    assert cache == {"device": "NVIDIA H100 80GB HBM3", "entries": len(REQUIRED_MODELS)}
 
 
 def test_a_missing_timing_cache_only_warns(build_copy, trt_state):
@@ -141,7 +141,7 @@ def test_a_missing_timing_cache_only_warns(build_copy, trt_state):
     with captured("export.engines", logging.WARNING) as warnings:
         run_build(build_copy)
     assert any("returned no timing cache" in w for w in warnings)
-    assert len(list(build_copy.glob("*.engine"))) == len(MODEL_IO) and not (build_copy / "timing.cache").exists()
+    assert len(list(build_copy.glob("*.engine"))) == len(REQUIRED_MODELS) and not (build_copy / "timing.cache").exists()
 
 
 def test_tf32_is_the_default_and_no_tf32_clears_it(build_copy, trt_state):
@@ -196,7 +196,7 @@ def test_on_a_gpu_machine_the_literal_command_builds_and_exits_0(build_copy, trt
     assert build.engine_step_unavailable("fp16") is None
     assert build.main(["--precision", "fp16", "--skip-export", "--engine-dir", str(build_copy)]) == 0
     assert Manifest.load(build_copy).tensorrt["precision"] == "fp16"
-    assert len(list(build_copy.glob("*.fp16.engine"))) == len(MODEL_IO)
+    assert len(list(build_copy.glob("*.fp16.engine"))) == len(REQUIRED_MODELS)
 
 
 def test_real_tensorrt_without_a_gpu_exits_3_with_a_clear_message(build_copy):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import dit_fn, fake_engine_build, install_synthetic_dit
+from conftest import dit_dbim_fn, dit_fn, fake_engine_build, install_synthetic_dbim, install_synthetic_dit
 from cuda_sim import Device
 from dynaip_trt.conditioning import DiTCondition, ReferenceKV
 from dynaip_trt.errors import BackendUnavailableError, InputError, ManifestError, ResourceError
@@ -100,6 +100,64 @@ def test_denoising_session_matches_the_numpy_euler_loop(trt_build, sim, trt_stat
     assert sim.pageable == []
     stages.close()
     assert sim.live() == {}
+
+
+def dbim_inputs(rows: int, length: int, mixing_steps: int):
+    """DBIM's per-row inputs for ``rows`` concept rows and their auxiliary rows (:class:`DBIMCondition`)."""
+    from dynaip_trt.dbim import DBIMCondition
+
+    rng = np.random.default_rng(5)
+    tokens = (rng.uniform(size=(2 * rows, length)) < 0.5).astype(np.float32)
+    return DBIMCondition(prompt_tokens=tokens, map_tokens=tokens * (rng.uniform(size=tokens.shape) < 0.5),
+                         reference_map=np.array([1, 0] * rows, np.float32),
+                         dbim_lambda=np.linspace(-2, 2, 2 * rows, dtype=np.float32), mixing_steps=mixing_steps)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_dbim_session_switches_from_the_dbim_engine_to_the_dit(trt_build, sim, trt_state, graphs):
+    """DBIM: the first mixing steps run the dit_dbim engine on the 2B concept and auxiliary rows (its own bucket and
+    CUDA graph), then the B concept rows go on with the plain DiT engine (its own bucket and CUDA graph)."""
+    from dynaip_trt.conditioning import dit_feeds
+    from dynaip_trt.dbim import dbim_feeds
+    from runtime.trt_backend import TrtStages
+
+    install_synthetic_dbim(trt_build)
+    stages = TrtStages(trt_build, cuda_graphs=graphs)
+    assert stages.dbim_unavailable is None and "dit_dbim" in stages.engines
+    noise, cond = condition(stages.manifest, batch=4, subjects=2)  # 2 rows + their 2 auxiliary rows
+    noise = noise[:2]
+    dbim = dbim_inputs(2, cond.text_embeds.shape[1], mixing_steps=2)
+    session = stages.denoise_session(noise, cond, dbim=dbim)
+    x = np.concatenate([noise, noise])
+    for i, (t, tn) in enumerate(zip(SIGMAS[:-1], SIGMAS[1:])):
+        session.step(t, tn)
+        b = x.shape[0] if i < 2 else 2
+        feeds = dit_feeds(x[:b], np.full(b, t, np.float32), np.full(b, tn, np.float32), cond.head(b))
+        x = dit_dbim_fn({**feeds, **dbim_feeds(dbim)})["latents_next"] if i < 2 else dit_fn(feeds)["latents_next"]
+    np.testing.assert_allclose(session.latents(), x, rtol=1e-5, atol=1e-6)
+    assert sorted(k[0] for k in stages._dit_buckets) == ["dit", "dit_dbim"], "one bucket per engine"
+    if graphs:
+        assert len(sim.graphs) == 2, "one CUDA graph per engine"
+        again = stages.denoise_session(noise, cond, dbim=dbim)
+        for t, tn in zip(SIGMAS[:-1], SIGMAS[1:]):
+            again.step(t, tn)
+        assert len(sim.graphs) == 2, "replayed, not captured again"
+        np.testing.assert_allclose(again.latents(), x, rtol=1e-5, atol=1e-6)
+    assert sim.pageable == []
+    stages.close()
+    assert sim.live() == {}
+
+
+def test_builds_without_the_dbim_engine_say_how_to_get_it(trt_build, sim, trt_state):
+    from runtime.trt_backend import TrtStages
+
+    stages = TrtStages(trt_build, cuda_graphs=False)
+    assert "dit_dbim" not in stages.engines and "export.build --dbim" in stages.dbim_unavailable
+    stages.close()
+    install_synthetic_dbim(trt_build, engine=False)  # exported after the build: no engine yet
+    stages = TrtStages(trt_build, cuda_graphs=False)
+    assert "dit_dbim" not in stages.engines and "has no TensorRT engine" in stages.dbim_unavailable
+    stages.close()
 
 
 @pytest.mark.parametrize("graphs", [True, False])
