@@ -1,10 +1,13 @@
 """Model configurations as dataclasses.
 
-Named configs: ``tiny-random`` (the same classes as FLUX.1-dev at toy sizes with seeded random weights: seconds on
-a CPU, used by unit tests) and ``flux-dev`` (real FLUX.1-dev sizes with CLIP ViT-L/14, used for GPU benchmarks with
-random weights); ``tiny-xlabs``/``flux-dev-xlabs`` and ``tiny-instantx``/``flux-dev-instantx`` are the same families
-with the public XLabs and InstantX FLUX IP-Adapters' layouts (:data:`IP_ADAPTER_FORMATS`). Select them with
-:func:`get_config`; :data:`DEFAULT_CONFIG` is what commands use when given no config or weights.
+Named configs: ``tiny`` (the embedded default: the same classes as FLUX.1-dev at toy sizes, with weights trained
+on the synthetic world of :mod:`dynaip_trt.demo.world` and shipped as package data, see ``docs/model-card-tiny.md``),
+``tiny-random`` (toy sizes with seeded random weights: seconds on a CPU, used by unit tests) and ``flux-dev`` (real
+FLUX.1-dev sizes with CLIP ViT-L/14, used for GPU benchmarks with random weights); ``tiny-xlabs``/``flux-dev-xlabs``
+and ``tiny-instantx``/``flux-dev-instantx`` are the same families with the public XLabs and InstantX FLUX
+IP-Adapters' layouts (:data:`IP_ADAPTER_FORMATS`). Select them with :func:`get_config`; :data:`DEFAULT_CONFIG` is
+what commands use when given no config or weights; :data:`EMBEDDED_CONFIGS` are the ones whose trained weights ship
+with the package.
 """
 
 from __future__ import annotations
@@ -300,6 +303,55 @@ def _tiny_random() -> DynaIPConfig:
     )
 
 
+def _tiny() -> DynaIPConfig:
+    """The trained embedded default (``python -m dynaip_trt.demo.train``): 32x32 images, a factor-2 VAE (4x4-pixel
+    tokens, 64 image tokens), a 2.7M-parameter MM-DiT (3 double + 3 single blocks, width 128), 77-token prompts over
+    a word-level vocabulary, a 4-layer CLIP vision tower on 32x32 references (4x4 patches). The VAE's latent
+    scaling and shift are the ones the training measured (rounded). Its weights ship in ``dynaip_trt/data/tiny``."""
+    return DynaIPConfig(
+        name="tiny",
+        transformer=TransformerConfig(
+            num_layers=3,
+            num_single_layers=3,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            pooled_projection_dim=64,
+            axes_dims_rope=(8, 12, 12),
+        ),
+        vision=VisionConfig(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=4
+        ),
+        text=TextConfig(
+            clip_vocab_size=64,
+            clip_hidden_size=64,
+            clip_intermediate_size=128,
+            clip_layers=1,
+            clip_heads=2,
+            clip_max_length=77,
+            t5_vocab_size=64,
+            t5_d_model=64,
+            t5_d_ff=128,
+            t5_layers=1,
+            t5_heads=2,
+            t5_d_kv=32,
+            max_text_length=77,
+            clip_pad_id=0,  # the word-level tokenizer of dynaip_trt.demo.train: [PAD] 0, [EOS] 1
+            clip_eos_id=1,
+        ),
+        vae=VaeConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, scaling_factor=6.1149,
+                      shift_factor=-0.0011),
+        # concat: several subjects compete in one softmax, so image tokens can take one subject and not the other
+        adapter=AdapterConfig(tap_layers=(1, 2, -2), num_tokens=8, expert_dim=64, expert_depth=1, expert_heads=4,
+                              attention_mode="concat"),
+        height=32,
+        width=32,
+        steps=12,
+        guidance=3.5,
+        max_subjects=4,
+    )
+
+
 def _flux_dev() -> DynaIPConfig:
     return DynaIPConfig(
         name="flux-dev",
@@ -357,10 +409,11 @@ def _flux_dev_ip(fmt: str) -> DynaIPConfig:
                                adapter=ip_adapter_config(fmt, num_tokens=4 if fmt == "xlabs" else 128, token_dim=4096))
 
 
-CONFIGS = {"tiny-random": _tiny_random, "flux-dev": _flux_dev,
+CONFIGS = {"tiny": _tiny, "tiny-random": _tiny_random, "flux-dev": _flux_dev,
            "tiny-xlabs": lambda: _tiny_ip("xlabs"), "tiny-instantx": lambda: _tiny_ip("instantx"),
            "flux-dev-xlabs": lambda: _flux_dev_ip("xlabs"), "flux-dev-instantx": lambda: _flux_dev_ip("instantx")}
-DEFAULT_CONFIG = "tiny-random"
+DEFAULT_CONFIG = "tiny"
+EMBEDDED_CONFIGS = ("tiny",)  # trained weights in dynaip_trt/data/<name>/ (dynaip_trt.weights.load_embedded)
 
 
 def get_config(name: str) -> DynaIPConfig:

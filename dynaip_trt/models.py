@@ -129,7 +129,8 @@ def finalize(models: DynaIPModels) -> DynaIPModels:
 
 
 def build_models(cfg: DynaIPConfig, seed: int = 0, random_adapter_kv: bool = True) -> DynaIPModels:
-    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU).
+    """Build every model of ``cfg`` with deterministic seeded weights (float32, CPU). The configs whose trained
+    weights ship with the package (``tiny``) load through :func:`dynaip_trt.weights.load_family` instead.
 
     Args:
         random_adapter_kv: give the (normally zero-initialised) reference K/V projections small random

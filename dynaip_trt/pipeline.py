@@ -17,17 +17,18 @@ from torch import nn
 from .attention import ReferenceInputs
 from .cli import progress as progress_bar
 from .conditioning import DiTCondition, ReferenceKV, dit_feeds
-from .configs import DEFAULT_CONFIG, get_config
+from .configs import DEFAULT_CONFIG
 from .dbim import dbim_condition, dbim_feeds
 from .errors import InputError
 from .images import ImageLike, latents_to_pil, preprocess_clip
-from .models import DynaIPModels, build_models, clip_levels, decode_latents, dit_forward, encode_text
+from .models import DynaIPModels, clip_levels, decode_latents, dit_forward, encode_text
 from .request import GenerationRequest, ValidRequest, auxiliary_rows, check_batch, negative_rows, \
     normalize_granularity, normalize_references, prompt_fields, validate_request
 from .sampling import euler_step, flux_sigmas, image_token_count, initial_noise, latent_image_ids, text_ids, \
     true_cfg_velocity, unpack_latents
 from .stage_modules import DiTDBIMStep, DiTStep
 from .text import normalize_prompts
+from .weights import load_family
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class DynaIPPipeline:
 
     @classmethod
     def from_config(cls, name: str = DEFAULT_CONFIG, seed: int = 0) -> "DynaIPPipeline":
-        """Seeded reference models of a named config."""
-        return cls(build_models(get_config(name), seed=seed))
+        """The reference models of a named config (the embedded trained weights, or seeded random ones)."""
+        return cls(load_family(name, seed=seed))
 
     @property
     def device(self) -> torch.device:

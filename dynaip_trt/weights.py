@@ -11,15 +11,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_model, save_file, save_model
 
 from .adapter import DynaIPAdapter
-from .configs import (ADAPTER_FORMAT, DEFAULT_CONFIG, SIGLIP_NORM, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig,
+from .configs import (ADAPTER_FORMAT, DEFAULT_CONFIG, EMBEDDED_CONFIGS, SIGLIP_NORM, AdapterConfig, DynaIPConfig, TextConfig, TransformerConfig,
                       VaeConfig, VisionConfig, get_config)
 from .errors import ConfigError, WeightsError
 from .files import atomic_path
 from .cli import WEIGHTS_CONFIG_FILE, family_name
-from .models import VISION_CLASSES, DynaIPModels, build_adapter, build_models, finalize
+from .manifest import sha256_file
+from .models import (VISION_CLASSES, DynaIPModels, build_adapter, build_models, build_text_encoders, build_transformer,
+                     build_vae, build_vision, finalize)
 from .text import TOKENIZER_FILE, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -277,11 +279,79 @@ def check_encoder_folder(folder: Path, encoder: str) -> None:
 def load_family(config: str | DynaIPConfig = DEFAULT_CONFIG, base: str | Path | None = None,
                 clip: str | Path | None = None, adapter: str | Path | None = None, seed: int = 0) -> DynaIPModels:
     """The models a command runs: local weights when ``base``/``clip`` are given (``adapter`` optional), else the
-    named config's weights (seeded)."""
+    named config's: the trained weights shipped with the package for :data:`~dynaip_trt.configs.EMBEDDED_CONFIGS`
+    (``tiny``), seeded random ones for the others."""
     if (base is None) != (clip is None):
         raise ConfigError("base and clip must be given together (a FLUX folder and an image-encoder folder)")
     if base is not None:
         return load_models(base, clip, adapter)
     if adapter is not None:
         raise ConfigError("an adapter file needs its base model: give base and clip too")
-    return build_models(get_config(config) if isinstance(config, str) else config, seed=seed)
+    cfg = get_config(config) if isinstance(config, str) else config
+    if cfg.name in EMBEDDED_CONFIGS:
+        return load_embedded(cfg)
+    return build_models(cfg, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------ embedded defaults
+EMBEDDED_ROOT = Path(__file__).parent / "data"
+EMBEDDED_COMPONENTS = ("transformer", "vae", "clip_text", "t5", "vision")
+EMBEDDED_INDEX = "weights.json"
+
+
+def save_embedded(models: DynaIPModels, folder: str | Path) -> Path:
+    """Write a trained family as an embedded default: ``config.json``, one safetensors per component
+    (:data:`EMBEDDED_COMPONENTS` + ``adapter.safetensors`` with its header), the tokenizer, and
+    ``weights.json`` (SHA-256 of every file). What :func:`load_embedded` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in EMBEDDED_COMPONENTS:
+        with atomic_path(folder / f"{name}.safetensors") as tmp:
+            save_model(getattr(models, name), str(tmp))  # tied weights (T5's embeddings) stored once
+        files.append(f"{name}.safetensors")
+    save_adapter(models.adapter, folder / "adapter.safetensors")
+    models.t5_tokenizer.save(folder)  # one word-level tokenizer serves both text encoders
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(models.config.to_dict(), indent=1, sort_keys=True))
+    files += ["adapter.safetensors", TOKENIZER_FILE, "config.json"]
+    with atomic_path(folder / EMBEDDED_INDEX) as tmp:
+        tmp.write_text(json.dumps({f: sha256_file(folder / f) for f in files}, indent=1))
+    return folder
+
+
+def load_embedded(cfg: DynaIPConfig, folder: str | Path | None = None) -> DynaIPModels:
+    """The trained family of an embedded config (:data:`~dynaip_trt.configs.EMBEDDED_CONFIGS`: its weights are in
+    ``dynaip_trt/data/<name>``, or in ``folder``). Every file is checked against ``weights.json`` and the saved
+    config must equal ``cfg``; :class:`WeightsError` names the file otherwise."""
+    folder = Path(folder) if folder is not None else EMBEDDED_ROOT / cfg.name
+    index_path = folder / EMBEDDED_INDEX
+    if not index_path.is_file():
+        raise WeightsError(f"the weights of the embedded {cfg.name!r} config are missing ({index_path}); reinstall "
+                           f"the package or train them: python -m dynaip_trt.demo.train --out DIR")
+    index = json.loads(index_path.read_text())
+    for name, digest in index.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise WeightsError(f"{path} is missing or does not match its SHA-256 in {index_path} (corrupt or "
+                               f"modified)")
+    saved = json.loads((folder / "config.json").read_text())
+    if saved != json.loads(json.dumps(cfg.to_dict())):
+        raise WeightsError(f"{folder / 'config.json'} does not match the {cfg.name!r} config in "
+                           f"dynaip_trt/configs.py (weights trained for another config)")
+    clip_text, t5 = build_text_encoders(cfg)
+    modules = {"transformer": build_transformer(cfg), "vae": build_vae(cfg), "clip_text": clip_text, "t5": t5,
+               "vision": build_vision(cfg)}
+    for name, module in modules.items():
+        path = folder / f"{name}.safetensors"
+        try:
+            load_model(module, str(path), strict=True)
+        except (RuntimeError, SafetensorError) as e:
+            raise WeightsError(f"{path} does not fit the {cfg.name!r} {name}: {e}") from e
+    adapter = load_adapter(folder / "adapter.safetensors", build_adapter(cfg))
+    clip_tok = Tokenizer.load(folder, cfg.text.clip_max_length)
+    t5_tok = Tokenizer.load(folder, cfg.text.max_text_length)
+    models = DynaIPModels(cfg, modules["transformer"], modules["vision"], clip_text, t5, modules["vae"], adapter,
+                          clip_tok, t5_tok)
+    logger.info("loaded the embedded %r weights from %s", cfg.name, folder)
+    return finalize(models)

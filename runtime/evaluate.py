@@ -38,7 +38,7 @@ from dynaip_trt.configs import DEFAULT_CONFIG, DynaIPConfig, get_config
 from dynaip_trt.demo.world import World
 from dynaip_trt.errors import ConfigError, InputError
 from dynaip_trt.files import atomic_path
-from dynaip_trt.manifest import Manifest
+from dynaip_trt.manifest import PRECISIONS, Manifest, fp8_variant
 
 from .engine import DynaIPEngine
 from .evaluation import CONSTRAINED_SOURCE, DEFAULT_DBIM_LAMBDAS, DEFAULT_GROUPS, DEFAULT_SCALES, FULL_SCENES, \
@@ -192,6 +192,13 @@ def model_config(args: argparse.Namespace, manifests: list[Manifest]) -> DynaIPC
     return cfg
 
 
+def runtime_precisions(manifest: Manifest) -> list[str]:
+    """The ``--precision`` values ONNX Runtime can run on a build: each of :data:`PRECISIONS` it has a graph of, with
+    ``fp8`` standing for the ``fp8-fp16`` DiT (an ``fp8-bf16`` one is for TensorRT engines only)."""
+    have = {p for e in manifest.models.values() for p in e.graphs()}
+    return [p for p in PRECISIONS if (fp8_variant("fp16") if p == "fp8" else p) in have]
+
+
 def sources(args: argparse.Namespace, manifests: list[Manifest], groups: list[str]) -> dict[str, Source]:
     out: dict[str, Source] = {}
     if not args.no_torch:
@@ -201,7 +208,7 @@ def sources(args: argparse.Namespace, manifests: list[Manifest], groups: list[st
     if args.constrained_adapter:
         out[CONSTRAINED_SOURCE] = Source(CONSTRAINED_SOURCE, "torch", adapter=args.constrained_adapter)
     for i, m in enumerate(manifests):
-        for precision in dict.fromkeys(p for e in m.models.values() for p in e.graphs()):
+        for precision in runtime_precisions(m):
             if precision == "fp32" or "backends" in groups:
                 key = f"onnxruntime:{i}:{precision}"
                 out[key] = Source(key, "onnxruntime", i, precision)

@@ -54,6 +54,18 @@ def tiny_build(tmp_path_factory, tiny_models):
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_build(tmp_path_factory):
+    """One ONNX export (fp32 + fp16 variants) of the embedded trained default ``tiny``: what the README's set-up
+    command 1 makes. Read-only for tests."""
+    from export.exporter import export_all
+    from export.specs import FP16_MODELS
+
+    out = tmp_path_factory.mktemp("trained") / "tiny"
+    export_all(out, config="tiny", variants={"fp16": FP16_MODELS}, progress=False)
+    return out
+
+
 @contextlib.contextmanager
 def captured_logs(name: str) -> Iterator[list[str]]:
     """Messages logged to ``name`` (and its children) inside the block; usable in module-scoped fixtures, which

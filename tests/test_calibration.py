@@ -54,8 +54,8 @@ def fp8_build(tiny_build, calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "tiny"
     shutil.copytree(tiny_build, out)
     with captured_logs("export") as messages:
-        rc = build.main(["--precision", "fp8", "--fp8-base", "fp16", "--skip-export", "--engine-dir", str(out),
-                         "--calib", str(calib[0])])
+        rc = build.main(["--config", "tiny-random", "--precision", "fp8", "--fp8-base", "fp16", "--skip-export",
+                         "--engine-dir", str(out), "--calib", str(calib[0])])
     return rc, out, messages
 
 

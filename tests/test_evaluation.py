@@ -221,6 +221,20 @@ def evaluated(tiny_build, similarity_models, tmp_path_factory):
     return json.loads(out.read_text()), out
 
 
+def test_onnxruntime_rows_run_the_fp8_graph_onnxruntime_can_run(tiny_build):
+    """A build exported with --fp8 holds dit.fp8-bf16.onnx (for TensorRT; ONNX Runtime's CPU provider has no bf16
+    MatMul) and dit.fp8-fp16.onnx: the fp8 row is the --precision fp8 of runtime.generate, the fp16-based graph."""
+    from dynaip_trt.manifest import Manifest
+    from runtime.evaluate import runtime_precisions
+
+    m = Manifest.load(tiny_build)
+    assert runtime_precisions(m) == ["fp32", "fp16"]
+    m.models["dit"].variants.update({"fp8-bf16": "dit.fp8-bf16.onnx", "fp8-fp16": "dit.fp8-fp16.onnx"})
+    assert runtime_precisions(m) == ["fp32", "fp16", "fp8"]
+    del m.models["dit"].variants["fp8-fp16"]
+    assert runtime_precisions(m) == ["fp32", "fp16"]
+
+
 def test_evaluate_reports_every_row_with_rates_and_intervals(evaluated):
     data, _ = evaluated
     rows = {r["name"]: r for r in data["rows"]}

@@ -24,9 +24,9 @@ def rows(table: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
 
 
-def test_parity_table_is_the_commands_output(tiny_build):
+def test_parity_table_is_the_commands_output(trained_build):
     """Same rows, results and tolerances; the measured errors within 20% (another CPU may round differently)."""
-    fresh = rows(format_markdown(run_parity(tiny_build, progress=False)))
+    fresh = rows(format_markdown(run_parity(trained_build, progress=False)))
     shown = rows(block("<!-- parity-table:start -->", "<!-- parity-table:end -->"))
     assert [r[:4] + r[7:] for r in shown] == [r[:4] + r[7:] for r in fresh]
     for a, b in zip(shown, fresh):
@@ -34,11 +34,11 @@ def test_parity_table_is_the_commands_output(tiny_build):
             assert abs(float(x) - float(y)) <= 0.2 * max(float(y), 1e-7), (a, b)
 
 
-def test_python_snippet_runs_as_written(tiny_build, tmp_path):
+def test_python_snippet_runs_as_written(trained_build, tmp_path):
     code = README.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     build = re.search(r'from_dir\("([^"]+)"', code).group(1)
     (tmp_path / build).parent.mkdir(parents=True)
-    (tmp_path / build).symlink_to(tiny_build)  # what set-up command 1 makes
+    (tmp_path / build).symlink_to(trained_build)  # what set-up command 1 makes
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
