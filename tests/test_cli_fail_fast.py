@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from dynaip_trt.cli import MARKER, written_image
+from dynaip_trt.configs import DEFAULT_CONFIG, get_config
 
 ROOT = Path(__file__).resolve().parents[1]
+STEP = get_config(DEFAULT_CONFIG).pixel_multiple  # image sides of the default config are multiples of it
 REF = str(ROOT / "examples" / "subject_a.png")
 CLIS = ("runtime.generate", "runtime.benchmark", "export.onnx", "export.build", "export.parity",
         "calibration.collect", "calibration.quantize", "runtime.serve", "runtime.loadtest", "runtime.serve_benchmark")
@@ -67,7 +69,7 @@ GENERATE = ("--prompt", "a photo", "--ref", REF)
     ((*GENERATE, "--out", "o.xyz"), "unknown image suffix '.xyz'"),
     ((*GENERATE, "--out", "o.png", "--scale", "nan"), "--scale nan must be a finite number in [0, 10]"),
     ((*GENERATE, "--out", "o.png", "--steps", "0"), "--steps 0 must be in [1, 1000]"),
-    ((*GENERATE, "--out", "o.png", "--height", "50"), "--height 50 must be a multiple of 16 in [16, 4096]"),
+    ((*GENERATE, "--out", "o.png", "--height", "50"), f"--height 50 must be a multiple of {STEP} in [{STEP}, 4096]"),
     ((*GENERATE, "--out", "o.png", "--granularity", "1,2"), "--granularity has 2 values; this model has 3 levels"),
     ((*GENERATE, "--out", "o.png", "--backend", "onnxruntime"), "give --engine-dir, or leave out --backend"),
     ((*GENERATE, "--out", "o.png", "--precision", "fp16"), "--precision applies to a build folder"),
