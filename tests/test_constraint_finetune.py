@@ -53,10 +53,20 @@ def test_finetune_with_and_without_the_constraint(tmp_path):
         finetune(tmp_path / "w1", finetune_recipe(2, 2, 1e-3, 0.0, 1), seed=1, progress=False)
 
 
+def test_world_leakage_is_seeded_and_in_range():
+    from dynaip_trt.demo.finetune_constraint import world_leakage
+    from dynaip_trt.weights import load_family
+
+    models = load_family("tiny")
+    first = world_leakage(models, scenes=3)
+    assert 0.0 < first < 1.0 and world_leakage(models, scenes=3) == pytest.approx(first, abs=1e-7)
+
+
 @pytest.mark.parametrize("module,argv,message", [
     (demo_train, ["--attention-weight", "-1"], "--attention-weight -1 must be a finite number >= 0"),
     (finetune_constraint, ["--attention-weight", "nan"], "--attention-weight nan must be a finite number >= 0"),
     (finetune_constraint, ["--attention-weight", "1", "--steps", "0"], "--steps 0, --batch 16"),
+    (finetune_constraint, ["--leakage", "nope.safetensors"], "--leakage: no such adapter file(s) ['nope.safetensors']"),
     (method_figures, [], "give --dbim PNG and/or --constraint PNG"),
     (method_figures, ["--constraint", "c.png"], "--constraint needs --constrained-adapter FILE"),
     (method_figures, ["--constraint", "c.png", "--constrained-adapter", "nope.safetensors"],
@@ -65,7 +75,12 @@ def test_finetune_with_and_without_the_constraint(tmp_path):
 ])
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, caplog, module, argv, message):
     monkeypatch.chdir(tmp_path)
-    out = ["--out", str(tmp_path / "run")] if module is not method_figures else []
+    out = ["--out", str(tmp_path / "run")] if module is not method_figures and "--leakage" not in argv else []
     assert module.main(out + argv) == 2
     assert message in caplog.text and "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_finetune_needs_out_and_weight(caplog):
+    assert finetune_constraint.main(["--attention-weight", "1"]) == 2
+    assert "give --out DIR and --attention-weight W (or --leakage ADAPTER...)" in caplog.text
