@@ -38,8 +38,22 @@ from ..errors import ConfigError
 from ..models import DynaIPModels
 from ..training import TrainBatch, attention_leakage
 from ..weights import load_adapter, load_family, save_adapter
-from .train import CONFIG_NAME, FULL, Encoders, Recipe, Run, StageRecipe, _check_recipe, adapter_loss, clip_pixels, \
-    keep, optimise, sample_sigmas, token_coverage, with_attention_weight
+from .train import (
+    CONFIG_NAME,
+    FULL,
+    Encoders,
+    Recipe,
+    Run,
+    StageRecipe,
+    _check_recipe,
+    adapter_loss,
+    clip_pixels,
+    keep,
+    optimise,
+    sample_sigmas,
+    token_coverage,
+    with_attention_weight,
+)
 from .world import World
 
 logger = logging.getLogger(__name__)
