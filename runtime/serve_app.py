@@ -46,6 +46,7 @@ MODEL_DEPLOYMENT = "DynaIPModel"
 INGRESS_DEPLOYMENT = "DynaIPIngress"
 INGRESS_QUEUE_FACTOR = 10  # requests the proxies may queue for the ingress, per request the model queue holds
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s [request_id=%(request_id)s] %(message)s"
+DRAIN_FACTOR = 8  # an oversized body up to this many times the limit is read before the 413 (see BodyLimit)
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 # Stages protocol methods timed per call; the denoise session they start has its steps timed as "denoise_step"
 TIMED_STAGES = ("clip_levels", "reference_kv", "encode_text", "denoise_session", "decode")
@@ -280,7 +281,8 @@ def _failure(e: DynaIPError) -> Outcome:
 
 class BodyLimit:
     """ASGI middleware: a request body above ``limit`` bytes gets 413 (by Content-Length before it is read, or
-    once a chunked body's bytes pass the limit)."""
+    once a chunked body's bytes pass the limit). A declared body of at most :data:`DRAIN_FACTOR` x ``limit`` is read
+    and dropped first, so the client, still sending, gets the answer; a larger one is answered at once."""
 
     def __init__(self, asgi: Any, limit: int):
         self.asgi = asgi
@@ -292,6 +294,8 @@ class BodyLimit:
         headers = dict(scope.get("headers") or ())
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
+            if int(length) <= DRAIN_FACTOR * self.limit:  # read it, so the client gets the 413, not a broken pipe
+                await _drain(receive)
             return await self._reject(scope, receive, send, f"request body is {int(length)} bytes")
         received, started = 0, False
 
@@ -319,6 +323,15 @@ class BodyLimit:
         response = error_response(413, f"{what}; the limit is {self.limit} bytes (--max-body-mb of python -m "
                                   f"runtime.serve)", rid, "PayloadTooLarge")
         await response(scope, receive, send)
+
+
+async def _drain(receive: Callable) -> None:
+    """Read and drop a request body: a client still sending when the answer comes and the connection closes sees a
+    broken pipe instead of the answer."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
 
 
 class _TooLarge(Exception):

@@ -634,3 +634,31 @@ def test_shutdown_leaves_no_ray_process(server):
         time.sleep(0.5)
     left = _alive(pids) | _in_session(server.proc.pid)
     assert not left, [psutil.Process(p).cmdline() for p in left]
+
+
+@pytest.mark.parametrize("declared, chunks, read_all", [(3000, 3, True), (9000, 9, False)])
+def test_body_limit_reads_a_modestly_oversized_body_before_answering_413(declared, chunks, read_all):
+    """A client still sending when the 413 comes and the connection closes sees a broken pipe, not the answer: a body
+    declared at most DRAIN_FACTOR x the limit is read (and dropped) first; a larger one is answered at once."""
+    from runtime.serve_app import DRAIN_FACTOR, BodyLimit
+
+    limit = 1000
+    assert declared <= DRAIN_FACTOR * limit if read_all else declared > DRAIN_FACTOR * limit
+    body = [{"type": "http.request", "body": b"x" * 1000, "more_body": i < chunks - 1} for i in range(chunks)]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return body.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the app must not see an oversized body")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate",
+             "headers": [(b"content-length", str(declared).encode())]}
+    asyncio.run(BodyLimit(app, limit)(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert (not body) == read_all, f"{len(body)} chunks left unread"
+    assert b"the limit is 1000 bytes" in b"".join(m.get("body", b"") for m in sent)
