@@ -84,3 +84,23 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, caplog, module, 
 def test_finetune_needs_out_and_weight(caplog):
     assert finetune_constraint.main(["--attention-weight", "1"]) == 2
     assert "give --out DIR and --attention-weight W (or --leakage ADAPTER...)" in caplog.text
+
+
+def test_run_folders_from_before_the_option_resume_without_the_constraint(tmp_path):
+    """A recipe.json written before ``attention_weight`` existed is a run without the constraint."""
+    import dataclasses
+
+    from dynaip_trt.configs import get_config
+    from dynaip_trt.demo.train import FULL, Run, _check_recipe
+    from dynaip_trt.demo.world import World
+
+    def run(recipe):
+        return Run(tmp_path, get_config("tiny"), recipe, 0, World(size=32, reference_size=32), progress=False)
+
+    _check_recipe(run(FULL))
+    old = json.loads((tmp_path / "recipe.json").read_text())
+    del old["recipe"]["attention_weight"]
+    (tmp_path / "recipe.json").write_text(json.dumps(old))
+    _check_recipe(run(FULL))
+    with pytest.raises(ConfigError, match="another recipe"):
+        _check_recipe(run(dataclasses.replace(FULL, attention_weight=1.0)))

@@ -671,6 +671,7 @@ def _check_recipe(run: Run) -> None:
             "world": {"size": run.world.size, "reference_size": run.world.reference_size}}
     if path.is_file():
         theirs = json.loads(path.read_text())
+        theirs.get("recipe", {}).setdefault("attention_weight", 0.0)  # runs from before the option had it off
         if theirs != json.loads(json.dumps(mine)):
             raise ConfigError(f"{run.out} holds a run with another recipe, seed or config ({path}); use a new --out "
                               f"or the same options")
