@@ -21,7 +21,9 @@ by ``--stage``):
   attribute-naming caption (so the base knows how to draw every shape, colour and pattern).
 - ``adapter``: the DynaIP adapter (HMoE fusion over the tapped CLIP levels + decoupled reference K/V) with the base
   frozen, injected into both branches (image and text) as DDS prescribes for training; one or two subjects per
-  scene, each with an independently augmented reference.
+  scene, each with an independently augmented reference. ``--attention-weight W`` adds MM-Diff's attention constraint
+  (docs/dci-mmdiff.md; a short fine-tune of the shipped adapter with it: ``python -m
+  dynaip_trt.demo.finetune_constraint``).
 - ``package``: the final weights, tokenizer and config in ``OUT/package/`` (the layout of ``dynaip_trt/data/tiny``).
 
 Every batch is drawn from ``numpy.random.default_rng([seed, stage, step])`` and a torch generator seeded the same
