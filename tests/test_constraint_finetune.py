@@ -104,3 +104,16 @@ def test_run_folders_from_before_the_option_resume_without_the_constraint(tmp_pa
     _check_recipe(run(FULL))
     with pytest.raises(ConfigError, match="another recipe"):
         _check_recipe(run(dataclasses.replace(FULL, attention_weight=1.0)))
+
+
+def test_dbim_picture_has_one_column_per_lambda_and_dbim_changes_it():
+    from dynaip_trt.demo.figure import GAP, LABEL, ONE_SUBJECTS, TWO_SUBJECTS
+    from dynaip_trt.pipeline import DynaIPPipeline
+
+    pipe = DynaIPPipeline.from_config("tiny")
+    picture = np.asarray(method_figures.dbim_figure(pipe, lambdas=(2.0,)))
+    tile, rows = 32 * 4, len(ONE_SUBJECTS) + len(TWO_SUBJECTS)
+    assert picture.shape == (LABEL + rows * (tile + GAP + LABEL) + GAP, 4 * (tile + GAP) + GAP, 3)
+    y = 2 * LABEL  # the first row's tiles: references, (blank), no DBIM, lambda 2
+    plain, dbim = (picture[y:y + tile, GAP + c * (tile + GAP):GAP + c * (tile + GAP) + tile] for c in (2, 3))
+    assert np.abs(plain.astype(int) - dbim.astype(int)).max() > 0, "DBIM left the image unchanged"
