@@ -123,9 +123,11 @@ def check_dbim(prompt: str, lam, fraction, subject_word, aux_noun, concept_map, 
 
 
 def default_aux_noun(subject_word: str, tokenizers: Sequence[Tokenizer]) -> str:
-    """The first of :data:`DEFAULT_AUX_NOUNS` that differs from ``subject_word`` and every tokenizer knows."""
+    """The first of :data:`DEFAULT_AUX_NOUNS` that every tokenizer knows and that is not the subject word, nor its
+    plural or singular (``"object"`` never replaces ``"objects"``: the auxiliary prompt would name the subject)."""
+    subject = subject_word.strip().lower()
     for noun in DEFAULT_AUX_NOUNS:
-        if noun != subject_word.strip().lower() and all(t.knows(noun) for t in tokenizers):
+        if subject not in (noun, noun + "s", noun + "es") and all(t.knows(noun) for t in tokenizers):
             return noun
     raise InputError(f"none of the default auxiliary nouns {list(DEFAULT_AUX_NOUNS)} is in this model's vocabulary "
                      f"(or each is the subject word): give aux_noun, a common noun the model knows")

@@ -96,12 +96,17 @@ def predict_velocity(models: DynaIPModels, batch: TrainBatch, attention_maps: li
                        torch.from_numpy(text_ids(text.shape[1])), ref)
 
 
-def check_constraint(mode: str, batch: TrainBatch) -> None:
-    """The attention constraint needs ``concat`` mode and every subject's region (:class:`ConfigError`)."""
+def check_constraint_mode(mode: str) -> None:
+    """The attention constraint needs ``concat`` mode (:class:`ConfigError`)."""
     if mode != "concat":
         raise ConfigError(f"the attention constraint trains the attention of one softmax over every subject "
                           f"(attention_mode 'concat'); this config attends in {mode!r} mode, where each subject has "
                           f"its own softmax and nothing the constraint shapes decides where a subject lands")
+
+
+def check_constraint(mode: str, batch: TrainBatch) -> None:
+    """The attention constraint needs ``concat`` mode and every subject's region (:class:`ConfigError`)."""
+    check_constraint_mode(mode)
     pixels = batch.subject_pixels
     if batch.masks is None or tuple(batch.masks.shape) != (pixels.shape[0], pixels.shape[1],
                                                             batch.latents.shape[1]):

@@ -71,7 +71,8 @@ def plot(lambdas: list[float], curves: dict[str, list[tuple[float, float, float]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for (name, points), colour in zip(curves.items(), ("tab:blue", "tab:orange")):
         rate = [p[0] for p in points]
-        err = [[p[0] - p[1] for p in points], [p[2] - p[0] for p in points]]
+        # Wilson bounds of a rate of 1 come out as 0.9999999999999999: clamp the float noise at 0
+        err = [[max(0.0, p[0] - p[1]) for p in points], [max(0.0, p[2] - p[0]) for p in points]]
         ax.errorbar(lambdas, rate, yerr=err, marker="o", capsize=3, color=colour, label=name)
         if name in baseline:
             ax.axhline(baseline[name], color=colour, linestyle="--", linewidth=1, label=f"{name} without DBIM")

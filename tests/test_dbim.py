@@ -16,13 +16,14 @@ from conftest import captured_logs
 
 from dynaip_trt.attention import DBIM, DBIMInputs, ReferenceInputs, dbim_mix
 from dynaip_trt.conditioning import ReferenceKV
-from dynaip_trt.dbim import check_dbim
+from dynaip_trt.dbim import check_dbim, default_aux_noun
 from dynaip_trt.errors import InputError
 from dynaip_trt.manifest import REQUIRED_MODELS
 from dynaip_trt.metrics import max_abs, rel_l2
 from dynaip_trt.pipeline import DynaIPPipeline
 from dynaip_trt.request import GenerationRequest, TextBranchSchedule, check_batch, validate_request
 from dynaip_trt.stage_modules import DiTStep
+from dynaip_trt.weights import EMBEDDED_ROOT, load_tokenizer
 from export.graph import check_graph
 from export.specs import get_spec
 from runtime import DynaIPEngine
@@ -66,6 +67,16 @@ def test_token_sets_of_the_two_branches(tiny_models):
     assert np.flatnonzero(plan.aux_prompt_tokens - plan.aux_map_tokens).tolist() == noun
     assert plan.steps == 2 and plan.active(1) and not plan.active(2)  # ceil(0.15 * 8): the first two steps mix
     assert check_dbim(PROMPT, 0, 1.0, "toy", "dog", "reference", 3, tokenizers(tiny_models)).steps == 3
+
+
+def test_default_aux_noun_is_never_the_subject_nor_its_plural(tiny_models):
+    """"object" never replaces "objects"; the trained default's word-level vocabulary (the world's 31 words) knows
+    no other default noun, so the request must name one."""
+    assert default_aux_noun("objects", tokenizers(tiny_models)) == "thing"
+    assert default_aux_noun("Toy", tokenizers(tiny_models)) == "object"
+    words = load_tokenizer(EMBEDDED_ROOT / "tiny", 77)
+    with pytest.raises(InputError, match=r"none of the default auxiliary nouns .* give aux_noun"):
+        default_aux_noun("objects", [words])
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -82,3 +82,17 @@ def test_evaluate_method_flags_fail_fast(args, message, tmp_path, caplog):
     caplog.set_level(logging.ERROR, logger="runtime.evaluate")
     assert evaluate_main(["--config", "tiny-random", *args]) == 2
     assert message in caplog.text
+
+
+def test_plot_takes_a_rate_of_one_whose_upper_bound_is_float_noise(tmp_path):
+    """Wilson's upper bound of 144/144 is 0.9999999999999999 (< the rate): the trained default's sweep hit it."""
+    full = {"rate": 1.0, "lo": 0.974, "hi": 0.9999999999999999, "hits": 144, "n": 144}
+    half = {"rate": 0.5, "lo": 0.42, "hi": 0.58, "hits": 72, "n": 144}
+    stats = {"setting": full, "position": full, "colour": half, "shape": half, "pattern": half}
+    rows = [{"name": f"DBIM lambda {lam:g}", "group": "dbim", "options": {"dbim_lambda": lam}, "one_subject": stats}
+            for lam in (-1.0, 1.0)]
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"tool": "dynaip-trt evaluate", "config": "tiny", "scenes": {"one_subject": 144},
+                                  "reference_row": "torch fp32", "rows": rows}))
+    assert plot_main(["--json", str(report), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -21,7 +21,9 @@ by ``--stage``):
   attribute-naming caption (so the base knows how to draw every shape, colour and pattern).
 - ``adapter``: the DynaIP adapter (HMoE fusion over the tapped CLIP levels + decoupled reference K/V) with the base
   frozen, injected into both branches (image and text) as DDS prescribes for training; one or two subjects per
-  scene, each with an independently augmented reference.
+  scene, each with an independently augmented reference. ``--attention-weight W`` adds MM-Diff's attention constraint
+  (docs/dci-mmdiff.md; a short fine-tune of the shipped adapter with it: ``python -m
+  dynaip_trt.demo.finetune_constraint``).
 - ``package``: the final weights, tokenizer and config in ``OUT/package/`` (the layout of ``dynaip_trt/data/tiny``).
 
 Every batch is drawn from ``numpy.random.default_rng([seed, stage, step])`` and a torch generator seeded the same
@@ -71,6 +73,7 @@ from ..models import (
 )
 from ..sampling import flux_mu, latent_image_ids, pack_latents, text_ids
 from ..text import Tokenizer
+from ..training import attention_constraint_loss, check_constraint_mode
 from ..weights import save_embedded
 from .world import COLOURS, PATTERNS, SHAPES, World
 
@@ -110,7 +113,10 @@ class Recipe:
     so the textured backgrounds do not drown the subjects' shapes; ``base_describe_odds``: share of base scenes
     captioned with their subjects' attributes ("a red striped circle on the left in a forest") instead of the
     generic prompt, so the base learns to draw each shape, colour and pattern on demand (the generic wording stays
-    in its training, and carries no attribute: adapter scale 0 remains a fair baseline).
+    in its training, and carries no attribute: adapter scale 0 remains a fair baseline); ``attention_weight``:
+    weight of MM-Diff's attention constraint in the adapter stage
+    (:func:`~dynaip_trt.training.attention_constraint_loss`, each subject's region from the world's masks; 0: off,
+    as the shipped adapter was trained; needs ``concat`` mode).
     """
 
     vae: StageRecipe
@@ -124,6 +130,7 @@ class Recipe:
     vision_hue_odds: float = 0.75
     subject_weight: float = 4.0
     base_describe_odds: float = 0.5
+    attention_weight: float = 0.0
 
     def stage(self, name: str) -> StageRecipe:
         return getattr(self, name)
@@ -406,15 +413,20 @@ def velocity(transformer: nn.Module, cfg: DynaIPConfig, x_t: torch.Tensor, sigma
                        torch.from_numpy(text_ids(text.shape[1])), ref)
 
 
+def token_coverage(masks: list[np.ndarray], patch: int) -> torch.Tensor:
+    """Per-subject image-token coverage ``[B, S, N]`` in [0, 1]: the share of each token's ``patch x patch`` pixels
+    covered by each subject (from the world's masks ``[S, H, W]`` per scene, all scenes with ``S`` subjects)."""
+    out = []
+    for m in masks:
+        s, h, w = m.shape
+        out.append(m.reshape(s, h // patch, patch, w // patch, patch).mean(axis=(2, 4)).reshape(s, -1))
+    return torch.from_numpy(np.stack(out)).float()
+
+
 def token_weights(masks: list[np.ndarray], patch: int, subject_weight: float) -> torch.Tensor:
     """Per-image-token loss weights ``[B, N]``: ``1 + subject_weight * coverage``, where coverage is the share of
     the token's ``patch x patch`` pixels covered by any subject (from the world's masks ``[S, H, W]``)."""
-    out = []
-    for m in masks:
-        cover = m.sum(0)
-        h, w = cover.shape
-        out.append(cover.reshape(h // patch, patch, w // patch, patch).mean(axis=(1, 3)).reshape(-1))
-    return 1.0 + subject_weight * torch.from_numpy(np.stack(out)).float()
+    return 1.0 + subject_weight * torch.stack([token_coverage([m], patch)[0].sum(0) for m in masks])
 
 
 def flow_loss(transformer: nn.Module, cfg: DynaIPConfig, x0: torch.Tensor, text: torch.Tensor,
@@ -581,6 +593,44 @@ def stage_base(run: Run, stop_after: int | None = None) -> None:
         finish(run, "base", keep(transformer, weights, "transformer"))
 
 
+def adapter_loss(run: Run, cfg: DynaIPConfig, enc: Encoders, transformer: nn.Module, vision: nn.Module,
+                 adapter: nn.Module) -> Callable[[int], torch.Tensor]:
+    """The adapter stage's ``loss_fn(step)`` (base, vision tower and encoders frozen): the flow-matching loss of a
+    batch of one- or two-subject scenes (every ``two_subject_every``-th batch two), plus ``attention_weight`` times
+    MM-Diff's attention constraint on the image-to-reference attention, each subject's region from the world."""
+    world, recipe = run.world, run.recipe
+    patch = cfg.pixel_multiple
+    if recipe.attention_weight:
+        check_constraint_mode(cfg.adapter.attention_mode)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, gen = run.rng("adapter", step)
+        n_subj = 2 if step % recipe.two_subject_every == recipe.two_subject_every - 1 else 1
+        b = recipe.adapter.batch
+        scenes = [world.sample_scene(rng, n_subj) for _ in range(b)]
+        refs = [world.reference(p.subject, rng) for s in scenes for p in s.placements]  # [B*S] subject-major
+        text, pooled = enc.text([world.prompt(s) for s in scenes])
+        rendered = [world.render(s) for s in scenes]
+        x0 = enc.latents([r[0] for r in rendered])
+        masks = [r[1] for r in rendered]
+        weights = token_weights(masks, patch, recipe.subject_weight)
+        with torch.no_grad():
+            levels = clip_levels(vision, clip_pixels(refs, cfg), cfg.adapter.tap_layers)  # [B*S, L, P, C]
+        tokens = adapter.reference_tokens(levels.unflatten(0, (b, n_subj)))  # [B, S, N, W]
+        img_k, img_v = adapter.image_kv(tokens)
+        txt_k, txt_v = adapter.text_kv(tokens)
+        maps: list[torch.Tensor] | None = [] if recipe.attention_weight else None
+        ref = ReferenceInputs(kv=ReferenceKV(img_k, img_v, txt_k, txt_v), scales=torch.ones(b, n_subj),
+                              txt_block_scales=torch.ones(txt_k.shape[0]), mode=cfg.adapter.attention_mode,
+                              image_tokens=x0.shape[1], attention_maps=maps)
+        loss = flow_loss(transformer, cfg, x0, text, pooled, gen, weights, ref)
+        if maps is not None:
+            loss = loss + recipe.attention_weight * attention_constraint_loss(maps, token_coverage(masks, patch))
+        return loss
+
+    return loss_fn
+
+
 def stage_adapter(run: Run, stop_after: int | None = None) -> None:
     cfg = trained_config(run)
     enc = _encoders(run)
@@ -589,30 +639,8 @@ def stage_adapter(run: Run, stop_after: int | None = None) -> None:
     transformer.eval().requires_grad_(False)
     vision = load_module(build_vision(cfg), run.path("vision")).eval().requires_grad_(False)
     adapter = _seeded(run.seed + STAGE_IDS["adapter"], lambda: build_adapter(cfg))
-    world = run.world
-    patch = cfg.pixel_multiple
-
-    def loss_fn(step: int) -> torch.Tensor:
-        rng, gen = run.rng("adapter", step)
-        n_subj = 2 if step % run.recipe.two_subject_every == run.recipe.two_subject_every - 1 else 1
-        b = run.recipe.adapter.batch
-        scenes = [world.sample_scene(rng, n_subj) for _ in range(b)]
-        refs = [world.reference(p.subject, rng) for s in scenes for p in s.placements]  # [B*S] subject-major
-        text, pooled = enc.text([world.prompt(s) for s in scenes])
-        rendered = [world.render(s) for s in scenes]
-        x0 = enc.latents([r[0] for r in rendered])
-        weights = token_weights([r[1] for r in rendered], patch, run.recipe.subject_weight)
-        with torch.no_grad():
-            levels = clip_levels(vision, clip_pixels(refs, cfg), cfg.adapter.tap_layers)  # [B*S, L, P, C]
-        tokens = adapter.reference_tokens(levels.unflatten(0, (b, n_subj)))  # [B, S, N, W]
-        img_k, img_v = adapter.image_kv(tokens)
-        txt_k, txt_v = adapter.text_kv(tokens)
-        ref = ReferenceInputs(kv=ReferenceKV(img_k, img_v, txt_k, txt_v), scales=torch.ones(b, n_subj),
-                              txt_block_scales=torch.ones(txt_k.shape[0]), mode=cfg.adapter.attention_mode,
-                              image_tokens=x0.shape[1])
-        return flow_loss(transformer, cfg, x0, text, pooled, gen, weights, ref)
-
-    weights = optimise(run, "adapter", {"adapter": adapter}, loss_fn, stop_after)
+    weights = optimise(run, "adapter", {"adapter": adapter},
+                       adapter_loss(run, cfg, enc, transformer, vision, adapter), stop_after)
     if weights is not None:
         finish(run, "adapter", keep(adapter, weights, "adapter"))
 
@@ -645,6 +673,7 @@ def _check_recipe(run: Run) -> None:
             "world": {"size": run.world.size, "reference_size": run.world.reference_size}}
     if path.is_file():
         theirs = json.loads(path.read_text())
+        theirs.get("recipe", {}).setdefault("attention_weight", 0.0)  # runs from before the option had it off
         if theirs != json.loads(json.dumps(mine)):
             raise ConfigError(f"{run.out} holds a run with another recipe, seed or config ({path}); use a new --out "
                               f"or the same options")
@@ -690,6 +719,13 @@ def train(out: str | Path, stages: tuple[str, ...] = STAGES, recipe: Recipe = FU
     return run
 
 
+def with_attention_weight(recipe: Recipe, weight: float) -> Recipe:
+    """``recipe`` with the attention constraint's weight (``--attention-weight``: finite, >= 0)."""
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"--attention-weight {weight:g} must be a finite number >= 0 (0: no constraint)")
+    return dataclasses.replace(recipe, attention_weight=weight)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dynaip_trt.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, stage outputs, package/)")
@@ -697,6 +733,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run one stage alone (trained again if finished); default: every unfinished stage")
     p.add_argument("--proxy", action="store_true", help="the short proxy recipe (minutes), for iterating")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-weight", type=float, default=0.0, metavar="W",
+                   help="adapter stage: weight of MM-Diff's attention constraint (each subject's attention confined "
+                        "to its region; part of the recipe; default 0: off, as the shipped adapter was trained)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -709,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     one = args.stage != "all"
-    train(args.out, (args.stage,) if one else STAGES, PROXY if args.proxy else FULL, args.seed,
+    recipe = with_attention_weight(PROXY if args.proxy else FULL, args.attention_weight)
+    train(args.out, (args.stage,) if one else STAGES, recipe, args.seed,
           progress=not args.no_progress, rerun=one)
     return 0
 
