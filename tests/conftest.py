@@ -96,3 +96,15 @@ def working_directory(path: Path) -> Iterator[Path]:
 
 # tests/conformance runs inside the TensorRT conformance venvs only (tests/test_tensorrt_conformance.py).
 collect_ignore = ["conformance"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model training tests: fastest for such models, and a shared CI machine
+    is not oversubscribed (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

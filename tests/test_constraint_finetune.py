@@ -18,12 +18,7 @@ from dynaip_trt.errors import ConfigError
 from dynaip_trt.weights import EMBEDDED_ROOT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_token_coverage_is_per_subject_and_sums_to_the_loss_weights():

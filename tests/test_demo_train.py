@@ -24,13 +24,7 @@ STEP = StageRecipe(steps=3, batch=2, lr=1e-3, warmup=1, ema=0.9, checkpoint_ever
 RECIPE = Recipe(vae=STEP, vision=STEP, base=STEP, adapter=STEP, measure_samples=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and a shared CI machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
