@@ -344,8 +344,13 @@ def normalize_scales(scales: float | Sequence[float], num_subjects: int) -> np.n
     if arr.shape != (num_subjects,):
         raise InputError(f"scales has shape {arr.shape}; expected one number or {num_subjects} numbers (one per "
                          f"subject)")
+    return _scale_values(arr, "scales")
+
+
+def _scale_values(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` as float32 after checking every value is finite and in [0, :data:`MAX_SCALE`]."""
     if not np.isfinite(arr).all() or (arr < 0).any() or (arr > MAX_SCALE).any():
-        raise InputError(f"scales={arr.tolist()} must be finite numbers in [0, {MAX_SCALE:g}]")
+        raise InputError(f"{name}={arr.tolist()} must be finite numbers in [0, {MAX_SCALE:g}]")
     return arr.astype(np.float32)
 
 
@@ -357,9 +362,7 @@ def normalize_block_scales(block_scales: Sequence[float] | None, num_blocks: int
     if arr.shape != (num_blocks,):
         raise InputError(f"block_scales has shape {arr.shape}; expected ({num_blocks},): one number per injected "
                          f"block")
-    if not np.isfinite(arr).all() or (arr < 0).any() or (arr > MAX_SCALE).any():
-        raise InputError(f"block_scales={arr.tolist()} must be finite numbers in [0, {MAX_SCALE:g}]")
-    return arr.astype(np.float32)
+    return _scale_values(arr, "block_scales")
 
 
 def normalize_granularity(granularity, num_subjects: int, num_levels: int) -> np.ndarray | None:

@@ -108,3 +108,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def validated(tiny_models, make_images):
+    """``validated(prompt, **fields)``: a one-reference :class:`GenerationRequest` validated for the tiny-random
+    family (4 subjects at most), as the pipeline validates it."""
+    from dynaip_trt.pipeline import DynaIPPipeline
+    from dynaip_trt.request import GenerationRequest, validate_request
+
+    pipe = DynaIPPipeline(tiny_models)
+
+    def validate(prompt: str, **fields):
+        return validate_request(GenerationRequest(prompt, make_images(1), **fields), tiny_models.config,
+                                pipe.tokenizers, 4, pipe.num_blocks)
+
+    return validate

@@ -95,18 +95,13 @@ def test_default_aux_noun_is_never_the_subject_nor_its_plural(tiny_models):
     (dict(dbim_lambda=1, subject_word="toy", text_branch=TextBranchSchedule(steps=1)),
      r"cannot be combined with true CFG \(true_cfg_scale > 1\) or a text_branch schedule"),
 ])
-def test_bad_dbim_fields_are_named(tiny_models, make_images, fields, message):
-    pipe = DynaIPPipeline(tiny_models)
+def test_bad_dbim_fields_are_named(validated, fields, message):
     with pytest.raises(InputError, match=message):
-        validate_request(GenerationRequest(PROMPT, make_images(1), **fields), tiny_models.config, pipe.tokenizers, 4,
-                         pipe.num_blocks)
+        validated(PROMPT, **fields)
 
 
-def test_a_batch_shares_the_mixing_steps(tiny_models, make_images):
-    pipe = DynaIPPipeline(tiny_models)
-    rows = [validate_request(GenerationRequest(PROMPT, make_images(1), steps=8, dbim_lambda=1, subject_word="toy",
-                                               dbim_steps=f), tiny_models.config, pipe.tokenizers, 4, pipe.num_blocks)
-            for f in (0.25, 0.5)]
+def test_a_batch_shares_the_mixing_steps(validated):
+    rows = [validated(PROMPT, steps=8, dbim_lambda=1, subject_word="toy", dbim_steps=f) for f in (0.25, 0.5)]
     with pytest.raises(InputError, match="DBIM's mixing steps and true CFG must match"):
         check_batch(rows)
 

@@ -73,17 +73,13 @@ def test_backends_match_the_pipeline(tiny_models, tiny_build, make_images):
     (dict(true_cfg_scale=4.0, negative_prompt="", text_branch=TextBranchSchedule(steps=2)),
      r"true CFG \(true_cfg_scale > 1\) and text_branch schedules cannot be combined"),
 ])
-def test_bad_true_cfg_fields_are_named(tiny_models, make_images, fields, message):
-    pipe = DynaIPPipeline(tiny_models)
+def test_bad_true_cfg_fields_are_named(validated, fields, message):
     with pytest.raises(InputError, match=message):
-        validate_request(GenerationRequest("a photo", make_images(1), **fields), tiny_models.config, pipe.tokenizers,
-                         4, pipe.num_blocks)
+        validated("a photo", **fields)
 
 
-def test_a_batch_is_all_guided_or_all_plain(tiny_models, make_images):
-    pipe = DynaIPPipeline(tiny_models)
-    rows = [validate_request(GenerationRequest("a photo", make_images(1), **kw), tiny_models.config, pipe.tokenizers,
-                             4, pipe.num_blocks) for kw in ({}, dict(negative_prompt="", true_cfg_scale=2.0))]
+def test_a_batch_is_all_guided_or_all_plain(validated):
+    rows = [validated("a photo", **kw) for kw in ({}, dict(negative_prompt="", true_cfg_scale=2.0))]
     with pytest.raises(InputError, match="true CFG must match"):
         check_batch(rows)
 
